@@ -1,0 +1,192 @@
+"""Typed run configuration.
+
+The dataclasses below are registered with Hydra's ConfigStore as the schema of `conf/config.yaml`,
+so a YAML file or an override with an unknown key or a wrong type (`loss.beta=abc`) fails while
+Hydra composes, before any model loads. `validate` adds the checks a type cannot express.
+"""
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad data, bad config, missing file): printed as one line."""
+
+
+class ModelSource(Enum):
+    hf = "hf"  # a hub name or a local save_pretrained folder
+    gguf = "gguf"  # a GGUF file, de-quantized on load
+    tiny = "tiny"  # a small Llama built from a config with random weights
+
+
+class Precision(Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class UnpairMode(Enum):
+    both = "both"  # every completion of a pair becomes an example
+    one = "one"  # one completion per prompt, chosen or rejected at random (seeded)
+
+
+class Schedule(Enum):
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
+
+
+@dataclass
+class TinyModelConfig:
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    max_position_embeddings: int = 1024
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    source: ModelSource = ModelSource.hf
+    # hf: hub id or folder; gguf: folder holding the file, or "package:NAME" for a Python package
+    # that ships it; tiny: unused.
+    name_or_path: str = MISSING
+    gguf_file: Optional[str] = None
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    use_chat_template: bool = True  # render prompts with the tokenizer's template when it has one
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class DatasetConfig:
+    # A .jsonl/.json/.parquet/.csv path, "package:FILE" for data shipped with kto-cli, or a hub name.
+    train: str = MISSING
+    eval: Optional[str] = None  # same forms; when null, eval_fraction of train prompts is held out
+    train_split: str = "train"
+    eval_split: str = "test"
+    eval_fraction: float = 0.0
+    unpair: UnpairMode = UnpairMode.both
+    desirable_fraction: float = 1.0  # keep this share of desirable examples (imbalance studies)
+    undesirable_fraction: float = 1.0
+    max_train_rows: Optional[int] = None
+    max_eval_rows: Optional[int] = None
+    max_length: int = 512
+    max_prompt_length: int = 256
+    skip_bad_rows: bool = False  # when true, bad rows are counted and skipped instead of fatal
+    seed: int = 0  # unpairing, subsampling, held-out split and KL partners
+
+
+@dataclass
+class LossConfig:
+    name: str = MISSING
+
+
+@dataclass
+class KTOLossConfig(LossConfig):
+    name: str = "kto"
+    beta: float = 0.1
+    desirable_weight: float = 1.0  # lambda_D
+    undesirable_weight: float = 1.0  # lambda_U
+    # Set lambda_D so that lambda_D * n_D / (lambda_U * n_U) = 1, the bottom of the paper's range.
+    auto_desirable_weight: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 0
+    batch_size: int = 8  # examples per optimizer step
+    micro_batch_size: int = 8  # examples per forward; batch_size / micro_batch_size = accumulation
+    max_steps: Optional[int] = None  # when null, `epochs` passes over the training examples
+    epochs: float = 1.0
+    lr: float = 5e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    warmup_ratio: float = 0.1
+    schedule: Schedule = Schedule.cosine
+    max_grad_norm: float = 1.0
+    precision: Precision = Precision.fp32
+    gradient_checkpointing: bool = False
+    eval_every: int = 0  # steps; 0 evaluates only before and after training
+    eval_batch_size: int = 16
+    save_every: int = 0  # steps; 0 saves only the final checkpoint
+    log_every: int = 1
+    resume: Optional[str] = None  # "auto": latest complete checkpoint of this run dir, or a path
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True
+    threads: Optional[int] = None  # torch CPU threads; null keeps torch's default
+
+
+@dataclass
+class ReferenceConfig:
+    batch_size: int = 16
+
+
+@dataclass
+class DeepSpeedConfig:
+    name: str = "none"
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    loss: LossConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    deepspeed: DeepSpeedConfig = MISSING
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+
+
+LOSS_SCHEMAS = {"kto": KTOLossConfig}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="dataset", name="schema", node=DatasetConfig)
+    cs.store(group="trainer", name="schema", node=TrainerConfig)
+    cs.store(group="deepspeed", name="schema", node=DeepSpeedConfig)
+    for name, schema in LOSS_SCHEMAS.items():
+        cs.store(group="loss", name=f"{name}_schema", node=schema)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """The composed config as dataclasses, after the checks a type cannot express."""
+    try:
+        run = OmegaConf.to_object(cfg)
+    except Exception as e:  # MissingMandatoryValue, ValidationError: OmegaConf names the key
+        raise UserError(f"invalid config: {e}".splitlines()[0]) from None
+    validate(run)
+    return run
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(f"invalid config: {message}")
+
+
+def validate(run: RunConfig) -> None:
+    t, d = run.trainer, run.dataset
+    _check(t.batch_size > 0 and t.micro_batch_size > 0, "trainer.batch_size and trainer.micro_batch_size must be positive")
+    _check(t.batch_size % t.micro_batch_size == 0,
+           f"trainer.batch_size={t.batch_size} is not a multiple of trainer.micro_batch_size={t.micro_batch_size}")
+    _check(t.lr > 0, f"trainer.lr must be positive, got {t.lr}")
+    _check(0 <= t.warmup_ratio < 1, f"trainer.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    _check(t.max_steps is None or t.max_steps > 0, "trainer.max_steps must be positive or null")
+    _check(t.epochs > 0, f"trainer.epochs must be positive, got {t.epochs}")
+    for name in ("desirable_fraction", "undesirable_fraction"):
+        v = getattr(d, name)
+        _check(0 < v <= 1, f"dataset.{name} must be in (0, 1], got {v}")
+    _check(0 <= d.eval_fraction < 1, f"dataset.eval_fraction must be in [0, 1), got {d.eval_fraction}")
+    _check(0 < d.max_prompt_length < d.max_length,
+           f"dataset.max_prompt_length={d.max_prompt_length} must be positive and below dataset.max_length={d.max_length}")
+    _check(run.model.source != ModelSource.gguf or bool(run.model.gguf_file), "model.source=gguf needs model.gguf_file")
+    _check(run.deepspeed.name == "none", f"deepspeed={run.deepspeed.name} is not supported yet; use deepspeed=none")
+    if isinstance(run.loss, KTOLossConfig):
+        _check(run.loss.beta > 0, f"loss.beta must be positive, got {run.loss.beta}")
+        _check(run.loss.desirable_weight > 0 and run.loss.undesirable_weight > 0, "loss weights must be positive")

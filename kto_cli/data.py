@@ -1,0 +1,336 @@
+"""Reading, validating, unpairing, subsampling, tokenizing and collating feedback data.
+
+Pure and testable without a model: the only outside object is a tokenizer.
+
+Row formats (files: .jsonl, .json, .parquet, .csv; or a `datasets` hub name):
+    unpaired: {"prompt": P, "completion": C, "label": true|false}
+    paired:   {"prompt": P, "chosen": C, "rejected": C}
+where P is text or a list of {"role", "content"} messages, and C is text or a list holding the
+assistant's message(s).
+"""
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from .config import DatasetConfig, UnpairMode, UserError
+
+Text = Union[str, list]  # plain text, or a list of chat messages
+
+
+@dataclass
+class Example:
+    prompt: Text
+    completion: Text
+    desirable: bool
+    pair_id: Optional[int]  # the paired row it came from; None for unpaired rows
+    where: str  # "file: row N", for error messages
+
+
+@dataclass
+class Split:
+    """The tokenized examples of one split, with each example's KL partner."""
+    examples: list
+    prompt_ids: list  # list[list[int]]
+    completion_ids: list  # list[list[int]]
+    kl_partner: list  # list[int]: example i's KL sequence is (prompt i, completion kl_partner[i])
+    max_length: int
+    max_prompt_length: int
+
+    def __len__(self):
+        return len(self.examples)
+
+    def sequence(self, i: int) -> tuple:
+        return truncate(self.prompt_ids[i], self.completion_ids[i], self.max_length, self.max_prompt_length)
+
+    def kl_sequence(self, i: int) -> tuple:
+        j = self.kl_partner[i]
+        return truncate(self.prompt_ids[i], self.completion_ids[j], self.max_length, self.max_prompt_length)
+
+    def desirable(self, idx) -> torch.Tensor:
+        return torch.tensor([self.examples[i].desirable for i in idx], dtype=torch.bool)
+
+
+# ---------------------------------------------------------------- reading
+
+def resolve_source(spec: str) -> str:
+    """`package:FILE` names data shipped inside kto-cli; anything else is returned as is."""
+    if spec.startswith("package:"):
+        return str(resources.files("kto_cli") / "assets" / spec[len("package:"):])
+    return spec
+
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def read_rows(spec: str, split: str) -> tuple:
+    """Returns (display name, list of (row number, row dict))."""
+    path = resolve_source(spec)
+    suffix = Path(path).suffix.lower()
+    if suffix in FILE_SUFFIXES or Path(path).exists():
+        if not Path(path).is_file():
+            raise UserError(f"{path}: no such data file")
+        reader = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_table, ".csv": _read_table}.get(suffix)
+        if reader is None:
+            raise UserError(f"{path}: unknown data file type '{suffix}' (use .jsonl, .json, .parquet or .csv)")
+        return path, reader(path)
+    return f"{spec}[{split}]", _read_hub(spec, split)
+
+
+def _read_jsonl(path: str) -> list:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}: row {n}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def _read_json(path: str) -> list:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of rows")
+    return list(enumerate(data, start=1))
+
+
+def _read_table(path: str) -> list:
+    import pandas as pd
+    try:
+        df = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path, keep_default_na=False)
+    except Exception as e:
+        raise UserError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
+    return [(n, _plain(row)) for n, row in enumerate(df.to_dict("records"), start=1)]
+
+
+def _plain(value: Any) -> Any:
+    """numpy arrays and scalars from parquet/pandas into plain Python values."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _read_hub(name: str, split: str) -> list:
+    import datasets
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:
+        raise UserError(f"could not load dataset '{name}' split '{split}': {str(e).splitlines()[0]} "
+                        f"(no file of that name exists either; this machine may be offline)") from None
+    return list(enumerate(ds, start=1))
+
+
+# ---------------------------------------------------------------- validating
+
+def _check_text(value: Any, field: str, where: str, completion: bool) -> Text:
+    if isinstance(value, str):
+        if not value.strip() and completion:
+            raise UserError(f"{where}: field '{field}' is empty")
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        for k, m in enumerate(value):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise UserError(f"{where}: field '{field}' message {k}: needs string 'role' and 'content'")
+        if completion and not any(m["content"].strip() for m in value):
+            raise UserError(f"{where}: field '{field}' is empty")
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    if value is None:
+        raise UserError(f"{where}: field '{field}' is missing")
+    raise UserError(f"{where}: field '{field}': expected text or a list of messages, got {type(value).__name__}")
+
+
+def row_to_examples(row: Any, where: str, pair_id: int) -> list:
+    """One validated row as Examples: one for an unpaired row, two for a paired row."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected an object with fields, got {type(row).__name__}")
+    if "chosen" in row or "rejected" in row:
+        prompt = _check_text(row.get("prompt"), "prompt", where, completion=False)
+        chosen = _check_text(row.get("chosen"), "chosen", where, completion=True)
+        rejected = _check_text(row.get("rejected"), "rejected", where, completion=True)
+        return [Example(prompt, chosen, True, pair_id, where), Example(prompt, rejected, False, pair_id, where)]
+    prompt = _check_text(row.get("prompt"), "prompt", where, completion=False)
+    completion = _check_text(row.get("completion"), "completion", where, completion=True)
+    label = row.get("label")
+    if label is None:
+        raise UserError(f"{where}: field 'label' is missing (or use fields 'chosen' and 'rejected' for pairs)")
+    if not isinstance(label, bool):
+        raise UserError(f"{where}: field 'label': expected true or false, got {label!r}")
+    return [Example(prompt, completion, label, None, where)]
+
+
+def load_examples(spec: str, split: str, skip_bad_rows: bool, max_rows: Optional[int] = None) -> tuple:
+    """Returns (examples, number of bad rows skipped). Paired rows give both of their examples."""
+    name, rows = read_rows(spec, split)
+    if max_rows is not None:
+        rows = rows[:max_rows]
+    examples, skipped = [], 0
+    for pair_id, (n, row) in enumerate(rows):
+        try:
+            examples.extend(row_to_examples(row, f"{name}: row {n}", pair_id))
+        except UserError:
+            if not skip_bad_rows:
+                raise
+            skipped += 1
+    if not examples:
+        raise UserError(f"{name}: no usable rows")
+    return examples, skipped
+
+
+def unpair_one(examples: list, seed: int) -> list:
+    """One y per x: of each pair keeps the chosen or the rejected example, at random (seeded)."""
+    rng = random.Random(seed)
+    drop = set()
+    by_pair = {}
+    for i, e in enumerate(examples):
+        if e.pair_id is not None:
+            by_pair.setdefault(e.pair_id, []).append(i)
+    for idx in by_pair.values():
+        if len(idx) == 2:
+            drop.add(idx[rng.randrange(2)])
+    return [e for i, e in enumerate(examples) if i not in drop]
+
+
+def subsample(examples: list, desirable_fraction: float, undesirable_fraction: float, seed: int) -> list:
+    """Keeps a seeded share of desirable and of undesirable examples, in their original order."""
+    rng = random.Random(seed)
+    keep = set()
+    for label, fraction in ((True, desirable_fraction), (False, undesirable_fraction)):
+        idx = [i for i, e in enumerate(examples) if e.desirable == label]
+        keep.update(rng.sample(idx, round(fraction * len(idx))))
+    return [e for i, e in enumerate(examples) if i in keep]
+
+
+def prompt_key(prompt: Text) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def hold_out(examples: list, fraction: float, seed: int) -> tuple:
+    """Splits by prompt, so no prompt is both trained on and evaluated on. Returns (train, eval)."""
+    prompts = sorted({prompt_key(e.prompt) for e in examples})
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[: max(1, round(fraction * len(prompts)))])
+    train = [e for e in examples if prompt_key(e.prompt) not in held]
+    return train, [e for e in examples if prompt_key(e.prompt) in held]
+
+
+# ---------------------------------------------------------------- KL partners
+
+def kl_partners(keys: list, seed: int) -> list:
+    """A seeded derangement p of range(n) (p[i] != i) where, whenever possible, example p[i] has
+    another prompt than example i, so (x_i, y_p[i]) is a mismatched pair. Fixed before training,
+    so shuffling and batch size do not change any example's KL sequence."""
+    n = len(keys)
+    if n < 2:
+        return list(range(n))
+    rng = random.Random(seed)
+    p = list(range(n))
+    for i in range(n - 1, 0, -1):  # Sattolo's algorithm: one n-cycle, so no fixed point
+        j = rng.randrange(i)
+        p[i], p[j] = p[j], p[i]
+    ok = lambda i, j: j != i and keys[j] != keys[i]  # noqa: E731
+    for i in range(n):
+        for _ in range(32):  # repair same-prompt partners by swapping with a random slot
+            if ok(i, p[i]):
+                break
+            k = rng.randrange(n)
+            if ok(i, p[k]) and ok(k, p[i]):
+                p[i], p[k] = p[k], p[i]
+    return p
+
+
+# ---------------------------------------------------------------- tokenizing
+
+def render(example: Example, tokenizer, use_chat_template: bool) -> tuple:
+    """(prompt text, completion text). With a chat template the completion is what the template
+    adds after the generation prompt, end-of-turn tokens included."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        prompt = example.prompt if isinstance(example.prompt, list) else [{"role": "user", "content": example.prompt}]
+        completion = example.completion if isinstance(example.completion, list) else [
+            {"role": "assistant", "content": example.completion}]
+        p = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        if not full.startswith(p):
+            raise UserError(f"{example.where}: the tokenizer's chat template renders the prompt differently "
+                            "alone and with its completion; set model.use_chat_template=false")
+        return p, full[len(p):]
+    prompt = _flatten(example.prompt)
+    bos = tokenizer.bos_token or ""
+    return bos + prompt, _flatten(example.completion) + (tokenizer.eos_token or "")
+
+
+def _flatten(text: Text) -> str:
+    return text if isinstance(text, str) else "\n".join(m["content"] for m in text)
+
+
+def truncate(prompt: list, completion: list, max_length: int, max_prompt_length: int) -> tuple:
+    """Keeps the end of the prompt and the start of the completion (HALOs/TRL convention)."""
+    if len(prompt) + len(completion) > max_length:
+        prompt = prompt[-max_prompt_length:]
+        completion = completion[: max_length - len(prompt)]
+    return prompt, completion
+
+
+def tokenize(examples: list, tokenizer, use_chat_template: bool, cfg: DatasetConfig, seed: int) -> Split:
+    rendered = [render(e, tokenizer, use_chat_template) for e in examples]
+    enc = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt_ids, completion_ids = enc([p for p, _ in rendered]), enc([c for _, c in rendered])
+    for e, c in zip(examples, completion_ids):
+        if not c:
+            raise UserError(f"{e.where}: the completion has no tokens")
+    keys = [hashlib.sha1(repr(p).encode()).hexdigest() for p in prompt_ids]
+    return Split(examples, prompt_ids, completion_ids, kl_partners(keys, seed), cfg.max_length, cfg.max_prompt_length)
+
+
+# ---------------------------------------------------------------- collating
+
+def collate(sequences: list, pad_id: int) -> dict:
+    """Pads (prompt ids, completion ids) pairs on the right to the batch's longest sequence."""
+    T = max(len(p) + len(c) for p, c in sequences)
+    B = len(sequences)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)  # (B, T)
+    completion_mask = torch.zeros((B, T), dtype=torch.bool)  # (B, T) True on completion tokens
+    for b, (p, c) in enumerate(sequences):
+        n = len(p) + len(c)
+        input_ids[b, :n] = torch.tensor(p + c, dtype=torch.long)
+        attention_mask[b, :n] = 1
+        completion_mask[b, len(p):n] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+# ---------------------------------------------------------------- the whole path
+
+def build_splits(cfg: DatasetConfig, tokenizer, use_chat_template: bool) -> tuple:
+    """(train Split, eval Split or None, report dict). The eval split keeps both sides of each
+    pair (and is never subsampled), so held-out accuracy compares chosen with rejected."""
+    train, skipped = load_examples(cfg.train, cfg.train_split, cfg.skip_bad_rows, cfg.max_train_rows)
+    evals = []
+    if cfg.eval:
+        evals, skipped_eval = load_examples(cfg.eval, cfg.eval_split, cfg.skip_bad_rows, cfg.max_eval_rows)
+        skipped += skipped_eval
+    elif cfg.eval_fraction > 0:
+        train, evals = hold_out(train, cfg.eval_fraction, cfg.seed)
+    if cfg.unpair == UnpairMode.one:
+        train = unpair_one(train, cfg.seed)
+    train = subsample(train, cfg.desirable_fraction, cfg.undesirable_fraction, cfg.seed)
+    if not train:
+        raise UserError(f"{cfg.train}: no training examples left after subsampling")
+    report = {"train": len(train), "eval": len(evals), "skipped_rows": skipped,
+              "desirable": sum(e.desirable for e in train), "undesirable": sum(not e.desirable for e in train)}
+    train_split = tokenize(train, tokenizer, use_chat_template, cfg, cfg.seed)
+    eval_split = tokenize(evals, tokenizer, use_chat_template, cfg, cfg.seed + 1) if evals else None
+    return train_split, eval_split, report

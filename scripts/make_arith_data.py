@@ -1,0 +1,63 @@
+"""Makes the shipped feedback data: small number questions, each with a correct and a wrong answer.
+
+    python scripts/make_arith_data.py            # writes kto_cli/assets/arith_{train,eval}.jsonl
+
+Labels are honest and checkable by the code below: `chosen` is the right answer, `rejected` a
+plausible mistake. Four kinds of question (a sum, the larger of two numbers, the number after n,
+parity), easy enough that a 135M model's prior knowledge can be sharpened in a few minutes of CPU
+training, so the default run shows what KTO changes. No question appears in both files.
+"""
+import json
+import random
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "kto_cli" / "assets"
+# A short system message replaces the chat template's default one, which would double each sequence.
+SYSTEM = "Reply with the answer only."
+
+
+def plus(rng):
+    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    return f"What is {a} + {b}?", a + b, a + b + rng.choice([-2, -1, 1, 2])
+
+
+def larger(rng):
+    a, b = rng.sample(range(1, 100), 2)
+    return f"Which is larger, {a} or {b}?", max(a, b), min(a, b)
+
+
+def successor(rng):
+    n = rng.randint(1, 200)
+    return f"What number comes right after {n}?", n + 1, n + rng.choice([-1, 2])
+
+
+def parity(rng):
+    n = rng.randint(1, 500)
+    right, wrong = ("even", "odd") if n % 2 == 0 else ("odd", "even")
+    return f"Is {n} even or odd?", right, wrong
+
+
+KINDS = (plus, larger, successor, parity)
+
+
+def rows(n: int, rng: random.Random, seen: set) -> list:
+    out = []
+    while len(out) < n:
+        question, right, wrong = rng.choice(KINDS)(rng)
+        if question not in seen:
+            seen.add(question)
+            prompt = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+            out.append({"prompt": prompt, "chosen": str(right), "rejected": str(wrong)})
+    return out
+
+
+def main() -> None:
+    rng, seen = random.Random(240201306), set()
+    for name, n in (("arith_eval", 64), ("arith_train", 1000)):
+        path = OUT / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows(n, rng, seen)))
+        print(f"wrote {n} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Reading, validation errors, unpairing, subsampling, KL partners, truncation and collation."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from kto_cli.config import DatasetConfig, UnpairMode, UserError
+from kto_cli.data import (Example, build_splits, collate, hold_out, kl_partners, load_examples, render,
+                          subsample, truncate, unpair_one)
+
+from conftest import write_jsonl
+
+PAIRS = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(10)]
+
+
+def error_of(tmp_path, rows, name="d.jsonl", **kw):
+    path = write_jsonl(tmp_path / name, rows)
+    with pytest.raises(UserError) as e:
+        load_examples(str(path), "train", skip_bad_rows=False, **kw)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("row, words", [
+    ({"prompt": "p", "label": True}, ["row 2", "'completion'", "missing"]),
+    ({"prompt": "p", "completion": "c", "label": "yes"}, ["row 2", "'label'", "true or false", "'yes'"]),
+    ({"prompt": "p", "completion": "c", "label": 1}, ["row 2", "'label'"]),
+    ({"prompt": "p", "completion": "  ", "label": True}, ["row 2", "'completion'", "empty"]),
+    ({"prompt": "p", "completion": "c"}, ["row 2", "'label'", "missing"]),
+    ({"prompt": "p", "chosen": "c"}, ["row 2", "'rejected'", "missing"]),
+    ({"prompt": [{"role": "user"}], "chosen": "c", "rejected": "d"}, ["row 2", "'prompt'", "'content'"]),
+    ({"completion": "c", "label": False}, ["row 2", "'prompt'", "missing"]),
+])
+def test_bad_rows_name_file_row_and_field(tmp_path, row, words):
+    msg = error_of(tmp_path, [{"prompt": "ok", "completion": "fine", "label": True}, row])
+    assert "d.jsonl" in msg
+    for w in words:
+        assert w in msg
+
+
+def test_bad_json_line_and_missing_file(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b", "label": true}\n{"prompt": \n')
+    with pytest.raises(UserError, match=r"broken.jsonl: row 2: not valid JSON"):
+        load_examples(str(path), "train", skip_bad_rows=False)
+    with pytest.raises(UserError, match="no such data file"):
+        load_examples(str(tmp_path / "nope.jsonl"), "train", skip_bad_rows=False)
+    (tmp_path / "x.parquet").write_text("not parquet")
+    with pytest.raises(UserError, match="x.parquet: unreadable"):
+        load_examples(str(tmp_path / "x.parquet"), "train", skip_bad_rows=False)
+
+
+def test_skip_bad_rows_counts_them(tmp_path):
+    rows = [{"prompt": "a", "completion": "b", "label": True}, {"prompt": "a", "label": True},
+            {"prompt": "c", "completion": "d", "label": "no"}]
+    examples, skipped = load_examples(str(write_jsonl(tmp_path / "d.jsonl", rows)), "train", skip_bad_rows=True)
+    assert (len(examples), skipped) == (1, 2)
+
+
+def test_formats_read_alike(tmp_path):
+    rows = [{"prompt": "p1", "completion": "c1", "label": True}, {"prompt": "p2", "completion": "c2", "label": False}]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    for name in ("d.jsonl", "d.json", "d.parquet", "d.csv"):
+        ex, _ = load_examples(str(tmp_path / name), "train", skip_bad_rows=False)
+        assert [(e.prompt, e.completion, e.desirable) for e in ex] == [("p1", "c1", True), ("p2", "c2", False)], name
+
+
+def test_conversational_rows_from_parquet(tmp_path):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    pd.DataFrame([{"prompt": msgs, "chosen": [{"role": "assistant", "content": "hello"}],
+                   "rejected": [{"role": "assistant", "content": "go away"}]}]).to_parquet(tmp_path / "c.parquet")
+    ex, _ = load_examples(str(tmp_path / "c.parquet"), "train", skip_bad_rows=False)
+    assert ex[0].prompt == msgs and ex[0].desirable and not ex[1].desirable
+
+
+def test_unpairing_both_and_one(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    both, _ = load_examples(str(path), "train", skip_bad_rows=False)
+    assert len(both) == 20 and sum(e.desirable for e in both) == 10
+    assert both[0].pair_id == both[1].pair_id == 0
+    one = unpair_one(both, seed=3)
+    assert len(one) == 10 and len({e.pair_id for e in one}) == 10
+    assert 0 < sum(e.desirable for e in one) < 10  # both sides occur
+    assert [e.completion for e in unpair_one(both, seed=3)] == [e.completion for e in one]  # seeded
+    assert [e.completion for e in unpair_one(both, seed=4)] != [e.completion for e in one]
+
+
+def test_subsample_keeps_seeded_fractions():
+    ex = [Example(f"q{i}", "c", i % 2 == 0, None, "x") for i in range(200)]
+    kept = subsample(ex, desirable_fraction=0.1, undesirable_fraction=1.0, seed=0)
+    assert sum(e.desirable for e in kept) == 10 and sum(not e.desirable for e in kept) == 100
+    assert [e.prompt for e in kept] == [e.prompt for e in subsample(ex, 0.1, 1.0, seed=0)]
+
+
+def test_hold_out_splits_by_prompt(tmp_path):
+    ex, _ = load_examples(str(write_jsonl(tmp_path / "p.jsonl", PAIRS)), "train", skip_bad_rows=False)
+    train, held = hold_out(ex, 0.2, seed=0)
+    assert len(held) == 4 and len(train) == 16
+    assert not {e.prompt for e in train} & {e.prompt for e in held}
+
+
+def test_kl_partners_is_a_seeded_derangement_across_prompts():
+    keys = [i // 2 for i in range(50)]  # pairs share a prompt
+    p = kl_partners(keys, seed=0)
+    assert sorted(p) == list(range(50))
+    assert all(p[i] != i for i in range(50))
+    assert all(keys[p[i]] != keys[i] for i in range(50))
+    assert p == kl_partners(keys, seed=0) and p != kl_partners(keys, seed=1)
+
+
+def test_truncation_keeps_prompt_end_and_completion_start():
+    p, c = truncate(list(range(10)), list(range(100, 110)), max_length=8, max_prompt_length=5)
+    assert p == [5, 6, 7, 8, 9] and c == [100, 101, 102]
+    assert truncate([1, 2], [3], 8, 5) == ([1, 2], [3])
+
+
+def test_render_with_chat_template_ends_completion_with_end_of_turn(tiny_tok):
+    e = Example("What is 2 + 2?", "4", True, None, "x")
+    prompt, completion = render(e, tiny_tok, use_chat_template=True)
+    assert prompt.endswith("<|im_start|>assistant\n") and "What is 2 + 2?" in prompt
+    assert completion == "4<|im_end|>\n"
+    prompt, completion = render(e, tiny_tok, use_chat_template=False)
+    assert (prompt, completion) == ("What is 2 + 2?", "4<|im_end|>")
+
+
+def test_build_splits_and_collate_pad_to_batch_longest(tmp_path, tiny_tok):
+    path = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    cfg = DatasetConfig(train=str(path), eval=None, eval_fraction=0.2, unpair=UnpairMode.one, max_length=64, max_prompt_length=32)
+    train, held, report = build_splits(cfg, tiny_tok, use_chat_template=True)
+    assert (report["train"], report["eval"]) == (8, 4)
+    assert len(held) == 4  # eval keeps both sides of each held-out pair
+    seqs = [train.sequence(0), train.kl_sequence(0)]
+    b = collate(seqs, tiny_tok.pad_token_id)
+    longest = max(len(p) + len(c) for p, c in seqs)
+    assert b["input_ids"].shape == (2, longest) < (2, 64)
+    assert b["completion_mask"][0].sum().item() == len(seqs[0][1])
+    assert b["attention_mask"].sum().item() == sum(len(p) + len(c) for p, c in seqs)
+    assert train.kl_sequence(0)[0] == train.sequence(0)[0]  # same prompt, partner's completion
+    assert train.kl_sequence(0)[1] == train.completion_ids[train.kl_partner[0]]
+    assert isinstance(train.desirable([0, 1]), torch.Tensor)
