@@ -32,7 +32,7 @@ def test_tiny_run_learns_and_exports(tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path / "final")
     ids = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)["input_ids"]
-    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    assert ids.shape[1] < model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] <= ids.shape[1] + 3
     assert (tmp_path / "checkpoints" / "step_0000040" / "trainer_state.pt").is_file()
     assert not list(tmp_path.rglob("*.tmp-*"))  # no temp files left behind
 
