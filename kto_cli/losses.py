@@ -44,3 +44,139 @@ def kto_loss(
         "logps/rejected": policy_logps.detach()[~desirable],
     }
     return losses.mean(), metrics
+
+
+def kto_zero_loss(policy_logps, ref_logps, desirable, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
+    """KTO with the reference point fixed at z = 0 (the paper's ablation of the KL term). The same
+    objective is TRL's `apo_zero_unpaired`: 1 - sigmoid(beta r) for desirable, sigmoid(beta r) for
+    undesirable examples, since 1 - sigmoid(-x) = sigmoid(x)."""
+    return kto_loss(policy_logps, ref_logps, desirable, policy_logps.new_zeros(()), beta, desirable_weight,
+                    undesirable_weight)
+
+
+def _paired_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
+    return {
+        "rewards/chosen": chosen_rewards.detach(),
+        "rewards/rejected": rejected_rewards.detach(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().detach(),
+        "logps/chosen": chosen_logps.detach(),
+        "logps/rejected": rejected_logps.detach(),
+    }
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1, label_smoothing=0.0):
+    """DPO (Rafailov et al. 2023): -log sigmoid(beta * h), h = (log-ratio of chosen) - (log-ratio of
+    rejected), over (P,) pairs. label_smoothing = epsilon > 0 gives conservative DPO (cDPO):
+    (1 - eps) * -log sigmoid(beta h) + eps * -log sigmoid(-beta h)."""
+    chosen_r = beta * (chosen_logps - ref_chosen_logps)  # (P,)
+    rejected_r = beta * (rejected_logps - ref_rejected_logps)  # (P,)
+    h = chosen_r - rejected_r
+    losses = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)  # (P,)
+    metrics = {"loss": losses.detach(), **_paired_metrics(chosen_r, rejected_r, chosen_logps, rejected_logps)}
+    return losses.mean(), metrics
+
+
+def ipo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, tau=0.1):
+    """IPO (Azar et al. 2023): (h - 1 / (2 tau))^2 with h the difference of log-ratios (sums)."""
+    chosen_r = chosen_logps - ref_chosen_logps  # (P,)
+    rejected_r = rejected_logps - ref_rejected_logps  # (P,)
+    losses = (chosen_r - rejected_r - 1 / (2 * tau)) ** 2  # (P,)
+    metrics = {"loss": losses.detach(), **_paired_metrics(tau * chosen_r, tau * rejected_r, chosen_logps, rejected_logps)}
+    return losses.mean(), metrics
+
+
+def slic_loss(chosen_logps, rejected_logps, chosen_lengths, beta=1.0, lambda_coef=0.1):
+    """SLiC-HF (Zhao et al. 2023), reference-free: max(0, beta - log pi(y_w|x) + log pi(y_l|x)) plus
+    lambda * (mean token NLL of the chosen completion) as the regulariser."""
+    calibration = torch.clamp(beta - chosen_logps + rejected_logps, min=0)  # (P,)
+    nll = -chosen_logps / chosen_lengths  # (P,)
+    losses = calibration + lambda_coef * nll
+    metrics = {"loss": losses.detach(), "nll": nll.detach(),
+               **_paired_metrics(chosen_logps, rejected_logps, chosen_logps, rejected_logps)}
+    return losses.mean(), metrics
+
+
+def simpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta=2.0, gamma=0.5):
+    """SimPO (Meng et al. 2024), reference-free and length-normalised:
+    -log sigmoid(beta * logp_w / |y_w| - beta * logp_l / |y_l| - gamma)."""
+    chosen_r = beta * chosen_logps / chosen_lengths  # (P,)
+    rejected_r = beta * rejected_logps / rejected_lengths  # (P,)
+    losses = -F.logsigmoid(chosen_r - rejected_r - gamma)  # (P,)
+    metrics = {"loss": losses.detach(), **_paired_metrics(chosen_r, rejected_r, chosen_logps, rejected_logps)}
+    return losses.mean(), metrics
+
+
+def orpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, lam=0.1):
+    """ORPO (Hong et al. 2024), reference-free: NLL of the chosen completion (per token) plus
+    lambda * -log sigmoid(log odds(y_w) - log odds(y_l)), where odds(y) = p / (1 - p) and
+    p = exp(mean token log-prob)."""
+    chosen_avg = chosen_logps / chosen_lengths  # (P,)
+    rejected_avg = rejected_logps / rejected_lengths  # (P,)
+    log_odds = (chosen_avg - rejected_avg) - (torch.log1p(-torch.exp(chosen_avg).clamp(max=1 - 1e-6))
+                                              - torch.log1p(-torch.exp(rejected_avg).clamp(max=1 - 1e-6)))
+    ratio_loss = -F.logsigmoid(log_odds)  # (P,)
+    nll = -chosen_avg
+    losses = nll + lam * ratio_loss
+    metrics = {"loss": losses.detach(), "nll": nll.detach(), "log_odds_ratio": log_odds.detach(),
+               **_paired_metrics(lam * chosen_avg, lam * rejected_avg, chosen_logps, rejected_logps)}
+    return losses.mean(), metrics
+
+
+def sft_loss(logps, lengths):
+    """Mean token negative log-likelihood over all completion tokens of the batch: sum(-logp) / sum(|y|)."""
+    loss = -logps.sum() / lengths.sum().clamp(min=1)
+    return loss, {"loss": loss.detach().reshape(1), "logps/chosen": logps.detach()}
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple:
+    """Generalised advantage estimation over (B, L) completion tokens (mask 1 on real tokens):
+        delta_t = r_t + gamma * V_{t+1} - V_t  (V after the last token is 0)
+        A_t = delta_t + gamma * lam * A_{t+1}
+    Returns (advantages, returns = advantages + values), both zero on padding."""
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        advantages[:, t] = next_adv
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def ppo_loss(token_logps, ref_token_logps, values, mask, desirable, gamma=0.99, lam=0.95, cliprange=0.5,
+             kl_coef=0.1, critic_coef=0.01):
+    """Offline PPO as in the KTO paper (HALOs): one step per batch, the reference model as the
+    behaviour ("old") policy, reward +1 (desirable) or -1 (undesirable) on the last completion
+    token, GAE advantages (normalised over the batch) from the value head's detached values, the
+    policy ratio clipped to [cliprange, 1 / cliprange], a KL penalty to the reference, and a squared
+    error critic loss toward the GAE returns. All token tensors are (B, L) over completion tokens."""
+    last = (mask.cumsum(1) == mask.sum(1, keepdim=True)) & mask.bool()  # (B, L) the last real token
+    rewards = torch.where(last, torch.where(desirable, 1.0, -1.0)[:, None], 0.0)  # (B, L)
+    advantages, returns = gae(values.detach(), rewards, mask, gamma, lam)
+    mean = masked_mean(advantages, mask)
+    var = masked_mean((advantages - mean) ** 2, mask)
+    advantages = ((advantages - mean) * torch.rsqrt(var + 1e-8) * mask).detach()
+    ratio = torch.exp(token_logps - ref_token_logps)  # (B, L)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, cliprange, 1 / cliprange)
+    policy_loss = masked_mean(torch.max(unclipped, clipped), mask)
+    critic_loss = 0.5 * masked_mean((values - returns.detach()) ** 2, mask)
+    kl = masked_mean(ref_token_logps - token_logps, mask)
+    loss = policy_loss + critic_coef * critic_loss + kl_coef * kl
+    seq_ratio = ((token_logps - ref_token_logps) * mask).sum(1).detach()  # (B,) sequence log-ratio
+    metrics = {
+        "loss": loss.detach().reshape(1), "loss/policy": policy_loss.detach().reshape(1),
+        "loss/critic": critic_loss.detach().reshape(1), "kl": kl.detach().reshape(1),
+        "clipfrac": masked_mean((clipped > unclipped).float(), mask).detach().reshape(1),
+        "values": masked_mean(values.detach(), mask).reshape(1),
+        "rewards/chosen": seq_ratio[desirable], "rewards/rejected": seq_ratio[~desirable],
+        "logps/chosen": (token_logps.detach() * mask).sum(1)[desirable],
+        "logps/rejected": (token_logps.detach() * mask).sum(1)[~desirable],
+    }
+    return loss, metrics
