@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -23,11 +23,12 @@ def atomic_dir(dest: Path, write) -> Path:
     return dest
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, fingerprint: str) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, fingerprint: str, value_head=None) -> Path:
     def write(tmp: Path):
         model.save_pretrained(tmp / "model")
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "fingerprint": fingerprint}, tmp / "trainer_state.pt")
+                    "fingerprint": fingerprint, "value_head": value_head.state_dict() if value_head else None},
+                   tmp / "trainer_state.pt")
     return atomic_dir(run_dir / "checkpoints" / f"step_{step:07d}", write)
 
 
@@ -37,7 +38,7 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return max(found)[1] if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: str) -> int:
+def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: str, value_head=None) -> int:
     """Restores weights, optimizer and schedule in place; returns the step the checkpoint ends."""
     from .config import UserError
 
@@ -51,14 +52,19 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: str) -
     model.tie_weights()
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise UserError(f"{path}: checkpoint weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if value_head is not None:
+        value_head.load_state_dict(state["value_head"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state["step"]
 
 
-def export_final(run_dir: Path, model, tokenizer) -> Path:
-    """final/: a save_pretrained folder (model + tokenizer) that transformers loads as is."""
+def export_final(run_dir: Path, model, tokenizer, value_head=None) -> Path:
+    """final/: a save_pretrained folder (model + tokenizer) that transformers loads as is (plus
+    value_head.safetensors for ppo, which transformers ignores)."""
     def write(tmp: Path):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if value_head is not None:
+            save_file({k: v.contiguous() for k, v in value_head.state_dict().items()}, str(tmp / "value_head.safetensors"))
     return atomic_dir(run_dir / "final", write)

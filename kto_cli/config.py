@@ -70,6 +70,8 @@ class DatasetConfig:
     eval_split: str = "test"
     eval_fraction: float = 0.0
     unpair: UnpairMode = UnpairMode.both
+    # Pair each prompt's desirable completions with its undesirable ones, for losses that need pairs.
+    pair_by_prompt: bool = False
     desirable_fraction: float = 1.0  # keep this share of desirable examples (imbalance studies)
     undesirable_fraction: float = 1.0
     max_train_rows: Optional[int] = None
@@ -82,6 +84,8 @@ class DatasetConfig:
 
 @dataclass
 class LossConfig:
+    """Each loss's fields are the keyword arguments of its function in kto_cli/losses.py, so the
+    YAML file, the schema and the function name the same hyperparameters."""
     name: str = MISSING
 
 
@@ -93,6 +97,66 @@ class KTOLossConfig(LossConfig):
     undesirable_weight: float = 1.0  # lambda_U
     # Set lambda_D so that lambda_D * n_D / (lambda_U * n_U) = 1, the bottom of the paper's range.
     auto_desirable_weight: bool = False
+
+
+@dataclass
+class KTOZeroLossConfig(KTOLossConfig):
+    name: str = "kto_zero"
+
+
+@dataclass
+class DPOLossConfig(LossConfig):
+    name: str = "dpo"
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # epsilon of conservative DPO (cdpo)
+
+
+@dataclass
+class IPOLossConfig(LossConfig):
+    name: str = "ipo"
+    tau: float = 0.1
+
+
+@dataclass
+class SLiCLossConfig(LossConfig):
+    name: str = "slic"
+    beta: float = 1.0  # the calibration margin
+    lambda_coef: float = 0.1  # weight of the chosen completion's NLL
+
+
+@dataclass
+class SimPOLossConfig(LossConfig):
+    name: str = "simpo"
+    beta: float = 2.0
+    gamma: float = 0.5  # target reward margin
+
+
+@dataclass
+class ORPOLossConfig(LossConfig):
+    name: str = "orpo"
+    lam: float = 0.1  # weight of the odds-ratio term
+
+
+@dataclass
+class SFTLossConfig(LossConfig):
+    name: str = "sft"
+
+
+@dataclass
+class CSFTLossConfig(LossConfig):
+    name: str = "csft"
+    good_token: str = "<|good|>"  # ends the prompt of desirable examples, and of every prompt at sampling
+    bad_token: str = "<|bad|>"  # ends the prompt of undesirable examples
+
+
+@dataclass
+class PPOLossConfig(LossConfig):
+    name: str = "ppo"
+    gamma: float = 0.99
+    lam: float = 0.95  # GAE lambda
+    cliprange: float = 0.5  # the ratio is clipped to [cliprange, 1 / cliprange]
+    kl_coef: float = 0.1
+    critic_coef: float = 0.01
 
 
 @dataclass
@@ -141,7 +205,9 @@ class RunConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
 
-LOSS_SCHEMAS = {"kto": KTOLossConfig}
+LOSS_SCHEMAS = {"kto": KTOLossConfig, "kto_zero": KTOZeroLossConfig, "dpo": DPOLossConfig, "ipo": IPOLossConfig,
+                "slic": SLiCLossConfig, "simpo": SimPOLossConfig, "orpo": ORPOLossConfig, "sft": SFTLossConfig,
+                "csft": CSFTLossConfig, "ppo": PPOLossConfig}
 
 
 def register_configs() -> None:
@@ -187,6 +253,10 @@ def validate(run: RunConfig) -> None:
            f"dataset.max_prompt_length={d.max_prompt_length} must be positive and below dataset.max_length={d.max_length}")
     _check(run.model.source != ModelSource.gguf or bool(run.model.gguf_file), "model.source=gguf needs model.gguf_file")
     _check(run.deepspeed.name == "none", f"deepspeed={run.deepspeed.name} is not supported yet; use deepspeed=none")
-    if isinstance(run.loss, KTOLossConfig):
-        _check(run.loss.beta > 0, f"loss.beta must be positive, got {run.loss.beta}")
-        _check(run.loss.desirable_weight > 0 and run.loss.undesirable_weight > 0, "loss weights must be positive")
+    for key in ("beta", "tau", "desirable_weight", "undesirable_weight"):
+        value = getattr(run.loss, key, 1.0)
+        _check(value > 0, f"loss.{key} must be positive, got {value}")
+    if isinstance(run.loss, PPOLossConfig):
+        _check(0 < run.loss.cliprange < 1, f"loss.cliprange must be in (0, 1), got {run.loss.cliprange}")
+    if isinstance(run.loss, DPOLossConfig):
+        _check(0 <= run.loss.label_smoothing < 0.5, f"loss.label_smoothing must be in [0, 0.5), got {run.loss.label_smoothing}")

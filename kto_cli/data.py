@@ -11,7 +11,7 @@ assistant's message(s).
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -54,6 +54,19 @@ class Split:
 
     def desirable(self, idx) -> torch.Tensor:
         return torch.tensor([self.examples[i].desirable for i in idx], dtype=torch.bool)
+
+    def pairs(self) -> list:
+        """(chosen index, rejected index) for every pair with both sides present."""
+        sides = {}
+        for i, e in enumerate(self.examples):
+            if e.pair_id is not None:
+                sides.setdefault(e.pair_id, {})[e.desirable] = i
+        return [(s[True], s[False]) for s in sides.values() if len(s) == 2]
+
+    def add_control_tokens(self, good_id: int, bad_id: Optional[int]) -> None:
+        """Ends each prompt with good_id (desirable) or bad_id (undesirable); bad_id None: good_id for all."""
+        for i, e in enumerate(self.examples):
+            self.prompt_ids[i] = self.prompt_ids[i] + [good_id if e.desirable or bad_id is None else bad_id]
 
 
 # ---------------------------------------------------------------- reading
@@ -204,6 +217,23 @@ def unpair_one(examples: list, seed: int) -> list:
     return [e for i, e in enumerate(examples) if i not in drop]
 
 
+def pair_by_prompt(examples: list) -> list:
+    """Gives each unpaired desirable example a pair id shared with an undesirable example of the same
+    prompt (in row order), so losses that need pairs can use unpaired data."""
+    free = {}
+    for i, e in enumerate(examples):
+        if e.pair_id is None:
+            free.setdefault(prompt_key(e.prompt), ([], []))[0 if e.desirable else 1].append(i)
+    out = list(examples)
+    next_id = max((e.pair_id for e in examples if e.pair_id is not None), default=-1) + 1
+    for good, bad in free.values():
+        for g, b in zip(good, bad):
+            out[g] = replace(out[g], pair_id=next_id)
+            out[b] = replace(out[b], pair_id=next_id)
+            next_id += 1
+    return out
+
+
 def subsample(examples: list, desirable_fraction: float, undesirable_fraction: float, seed: int) -> list:
     """Keeps a seeded share of desirable and of undesirable examples, in their original order."""
     rng = random.Random(seed)
@@ -324,6 +354,8 @@ def build_splits(cfg: DatasetConfig, tokenizer, use_chat_template: bool) -> tupl
         skipped += skipped_eval
     elif cfg.eval_fraction > 0:
         train, evals = hold_out(train, cfg.eval_fraction, cfg.seed)
+    if cfg.pair_by_prompt:
+        train, evals = pair_by_prompt(train), pair_by_prompt(evals)
     if cfg.unpair == UnpairMode.one:
         train = unpair_one(train, cfg.seed)
     train = subsample(train, cfg.desirable_fraction, cfg.undesirable_fraction, cfg.seed)

@@ -1,12 +1,24 @@
-"""Per-sequence log-probabilities of completion tokens.
+"""Log-probabilities of completion tokens, per sequence and (where a loss needs it) per token.
 
 KTO and DPO need log pi(y_t | x, y_<t) only where y_t is a completion token, so the LM head (a
 vocabulary-sized matmul and log-softmax) runs only at the positions that predict one, in chunks:
 no float32 log-softmax over the vocabulary is materialised for the whole batch.
 """
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 HEAD_CHUNK = 1024  # rows of hidden states sent through the LM head at once
+
+
+@dataclass
+class Logps:
+    seq: torch.Tensor  # (B,) summed over completion tokens
+    lengths: torch.Tensor  # (B,) completion tokens scored
+    tokens: Optional[torch.Tensor] = None  # (B, L) per completion token, 0 on padding
+    mask: Optional[torch.Tensor] = None  # (B, L) 1.0 on real completion tokens
+    hidden: Optional[torch.Tensor] = None  # (B, L, H) the hidden states that predicted those tokens
 
 
 def supports_sparse_head(model) -> bool:
@@ -16,20 +28,32 @@ def supports_sparse_head(model) -> bool:
             and model.get_output_embeddings() is not None)
 
 
-def completion_logps(model, batch: dict) -> torch.Tensor:
-    """Sum over completion tokens of log pi(token | prefix), per sequence. Returns (B,)."""
+def completion_logps(model, batch: dict, per_token: bool = False, hidden: bool = False) -> Logps:
+    """log pi(token | prefix) of the completion tokens of a collated batch."""
     input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]  # (B, T)
     targets = completion_mask[:, 1:]  # (B, T-1): position t predicts token t+1
     rows, cols = targets.nonzero(as_tuple=True)  # (N,), (N,)
     labels = input_ids[rows, cols + 1]  # (N,)
     if supports_sparse_head(model):
-        hidden = model.base_model(input_ids=input_ids, attention_mask=batch["attention_mask"]).last_hidden_state
-        token_logps = head_logps(model.get_output_embeddings(), hidden[rows, cols], labels)  # (N,)
+        h = model.base_model(input_ids=input_ids, attention_mask=batch["attention_mask"]).last_hidden_state
+        h = h[rows, cols]  # (N, H)
+        token_logps = head_logps(model.get_output_embeddings(), h, labels)  # (N,)
     else:
-        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-        token_logps = head_logps(lambda h: h, logits[rows, cols], labels)
-    out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    return out.index_add(0, rows, token_logps)  # (B,)
+        out = model(input_ids=input_ids, attention_mask=batch["attention_mask"], output_hidden_states=hidden)
+        h = out.hidden_states[-1][rows, cols] if hidden else None
+        token_logps = head_logps(lambda x: x, out.logits[rows, cols], labels)
+    B = input_ids.shape[0]
+    seq = torch.zeros(B, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)  # (B,)
+    lengths = targets.sum(1)  # (B,)
+    result = Logps(seq=seq, lengths=lengths)
+    if per_token or hidden:
+        j = cols - targets.int().argmax(1)[rows]  # (N,) index of each token within its completion
+        L = int(lengths.max()) if B else 0
+        result.tokens = token_logps.new_zeros(B, L).index_put((rows, j), token_logps)  # (B, L)
+        result.mask = token_logps.new_zeros(B, L).index_put((rows, j), torch.ones_like(token_logps))  # (B, L)
+        if hidden:
+            result.hidden = h.new_zeros(B, L, h.shape[-1]).index_put((rows, j), h)  # (B, L, H)
+    return result
 
 
 def head_logps(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -43,18 +67,23 @@ def head_logps(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def logps_of(model, sequences: list, batch_size: int, pad_id: int, device, autocast, progress=None) -> torch.Tensor:
-    """completion_logps for many (prompt ids, completion ids) pairs, batched by length so little
-    padding is computed; returned in the order given. (N,) float32 on CPU."""
+def logps_of(model, sequences: list, batch_size: int, pad_id: int, device, autocast, progress=None,
+             per_token: bool = False) -> tuple:
+    """Completion log-probs for many (prompt ids, completion ids) pairs, batched by length so little
+    padding is computed, returned in the order given, on CPU: (seq (N,), tokens (N, L) or None)."""
     from .data import collate
 
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
-    out = torch.empty(len(sequences), dtype=torch.float32)
+    seq = torch.empty(len(sequences), dtype=torch.float32)
+    tokens = torch.zeros(len(sequences), max((len(c) for _, c in sequences), default=0)) if per_token else None
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate([sequences[i] for i in idx], pad_id).items()}
         with autocast():
-            out[idx] = completion_logps(model, batch).float().cpu()
+            lp = completion_logps(model, batch, per_token=per_token)
+        seq[idx] = lp.seq.float().cpu()
+        if per_token:
+            tokens[idx, : lp.tokens.shape[1]] = lp.tokens.float().cpu()
         if progress is not None:
             progress.update(len(idx))
-    return out
+    return seq, tokens

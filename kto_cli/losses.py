@@ -54,11 +54,20 @@ def kto_zero_loss(policy_logps, ref_logps, desirable, beta=0.1, desirable_weight
                     undesirable_weight)
 
 
+TIE = 1e-4  # scores closer than this count as a tie: float noise when the policy is the reference
+
+
+def pair_wins(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """1 where chosen scores above rejected, 0 below, 1/2 for a tie. (P,)"""
+    d = (chosen - rejected).detach().float()
+    return (d > TIE).float() + 0.5 * (d.abs() <= TIE).float()
+
+
 def _paired_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
     return {
         "rewards/chosen": chosen_rewards.detach(),
         "rewards/rejected": rejected_rewards.detach(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().detach(),
+        "rewards/accuracies": pair_wins(chosen_rewards, rejected_rewards),
         "logps/chosen": chosen_logps.detach(),
         "logps/rejected": rejected_logps.detach(),
     }

@@ -18,12 +18,13 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from . import objectives
 from . import reference as reference_mod
 from .checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import KTOLossConfig, Precision, RunConfig, Schedule, UserError
+from .config import KTOLossConfig, Precision, RunConfig, Schedule, UnpairMode, UserError
 from .data import Split, build_splits, collate
-from .logprobs import completion_logps, logps_of
-from .losses import kto_loss, kto_reference_point
+from .logprobs import Logps, completion_logps
+from .losses import kto_reference_point, pair_wins
 from .models import load_model, load_tokenizer
 
 log = logging.getLogger("kto_cli")
@@ -80,9 +81,8 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: Schedule) -> float:
     return 1.0
 
 
-def make_optimizer(model, cfg: RunConfig, steps: int) -> tuple:
+def make_optimizer(params: list, cfg: RunConfig, steps: int) -> tuple:
     t = cfg.trainer
-    params = [p for p in model.parameters() if p.requires_grad]
     kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
     try:  # the fused kernel: 4-6x faster optimizer steps on CPU (SmolLM2-135M: 0.11 s vs 0.5 s)
         opt = torch.optim.AdamW(params, fused=True, **kwargs)
@@ -145,87 +145,140 @@ class MetricSums:
 
 def pair_accuracy(split: Split, scores: torch.Tensor) -> Optional[float]:
     """Share of held-out pairs whose chosen completion scores above the rejected one (ties: 1/2)."""
-    sides = {}
-    for i, e in enumerate(split.examples):
-        if e.pair_id is not None:
-            sides.setdefault(e.pair_id, {})[e.desirable] = i
-    pairs = [(s[True], s[False]) for s in sides.values() if len(s) == 2]
+    pairs = split.pairs()
     if not pairs:
         return None
-    c, r = scores[[p[0] for p in pairs]], scores[[p[1] for p in pairs]]
-    return float(((c > r).float() + 0.5 * (c == r).float()).mean())
+    return float(pair_wins(scores[[p[0] for p in pairs]], scores[[p[1] for p in pairs]]).mean())
 
 
 # ---------------------------------------------------------------- the steps
 
 class Trainer:
+    """Holds one run's data, model and optimizer; every loss goes through the same steps, doing
+    only the work its Needs (kto_cli/objectives.py) ask for."""
+
     def __init__(self, cfg: RunConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
         self.device = pick_device(cfg.trainer.device)
         self.autocast = autocast_for(self.device, cfg.trainer.precision)
         self.show_progress = cfg.trainer.progress
+        self.need = objectives.needs(cfg.loss.name)
+        self.value_head = None
 
     def setup(self) -> None:
-        cfg = self.cfg
+        cfg, need = self.cfg, self.need
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
         torch.manual_seed(cfg.trainer.seed)
         self.tokenizer = load_tokenizer(cfg.model)
+        if need.control_tokens:
+            self.tokenizer.add_special_tokens({"additional_special_tokens": [cfg.loss.good_token, cfg.loss.bad_token]})
         self.pad_id = self.tokenizer.pad_token_id
-        self.train_split, self.eval_split, report = build_splits(cfg.dataset, self.tokenizer, cfg.model.use_chat_template)
+        self.splits = self.load_data()
+        self.units = {name: objectives.units(split, need) for name, split in self.splits.items()}
+        self.params = objectives.hyperparameters(cfg.loss)
+        if isinstance(cfg.loss, KTOLossConfig):
+            self.params["desirable_weight"], self.params["undesirable_weight"] = kto_weights(cfg.loss, *self.label_counts)
+        self.model = load_model(cfg.model, self.tokenizer).to(self.device)
+        if len(self.tokenizer) > self.model.get_input_embeddings().weight.shape[0]:  # control tokens
+            self.model.resize_token_embeddings(len(self.tokenizer))
+        if cfg.trainer.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if need.value_head:
+            self.value_head = torch.nn.Linear(self.model.config.hidden_size, 1).to(self.device)
+        self.steps = total_steps(cfg, len(self.units["train"]))
+        self.ref = self.reference() if need.reference else None
+        self.optimizer, self.scheduler = make_optimizer(self.trainable(), cfg, self.steps)
+
+    def load_data(self) -> dict:
+        cfg = self.cfg
+        train, held, report = build_splits(cfg.dataset, self.tokenizer, cfg.model.use_chat_template)
         log.info("data: %s", report)
         if report["skipped_rows"]:
             log.warning("skipped %d bad rows (dataset.skip_bad_rows=true)", report["skipped_rows"])
-        self.weights = kto_weights(cfg.loss, report["desirable"], report["undesirable"])
-        self.model = load_model(cfg.model, self.tokenizer).to(self.device)
-        if cfg.trainer.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.steps = total_steps(cfg, len(self.train_split))
-        self.ref = self.reference()
-        self.optimizer, self.scheduler = make_optimizer(self.model, cfg, self.steps)
+        objectives.check_data(cfg.loss.name, self.need, train, cfg.dataset.train, cfg.dataset.unpair == UnpairMode.one)
+        self.label_counts = (report["desirable"], report["undesirable"])
+        if self.need.control_tokens:
+            good, bad = self.tokenizer.convert_tokens_to_ids([cfg.loss.good_token, cfg.loss.bad_token])
+            train.add_control_tokens(good, bad)
+            if held is not None:
+                held.add_control_tokens(good, None)  # evaluated as sampled: conditioned on "good"
+        return {"train": train, **({"eval": held} if held is not None else {})}
+
+    def trainable(self) -> list:
+        heads = list(self.value_head.parameters()) if self.value_head is not None else []
+        return [p for p in self.model.parameters() if p.requires_grad] + heads
+
+    def used_examples(self, name: str) -> list:
+        """Example indices that training (all of eval) will use: the reference pass computes only these."""
+        if name == "eval":
+            return list(range(len(self.splits["eval"])))
+        t, units = self.cfg.trainer, self.units["train"]
+        positions = visited_indices(self.steps, len(units), t.batch_size, t.seed)
+        return sorted({i for p in positions for i in (units[p] if self.need.paired else (units[p],))})
 
     def reference(self) -> reference_mod.ReferenceLogps:
         """Computed on the policy's initial weights; kept in the run dir so a resumed run reuses it."""
         path = self.run_dir / "reference_logps.safetensors"
         fp = fingerprint(self.cfg)
-        ref = reference_mod.load(path, fp, self.train_split, self.eval_split) if self.cfg.trainer.resume else None
-        if ref is None:
-            t = self.cfg.trainer
-            visited = visited_indices(self.steps, len(self.train_split), t.batch_size, t.seed)
-            ref = reference_mod.reference_pass(self.model, self.train_split, visited, self.eval_split,
-                                               self.cfg.reference.batch_size, self.pad_id, self.device, self.autocast,
-                                               self.show_progress)
-            reference_mod.save(ref, path, fp)
+        used = {name: (split, self.used_examples(name)) for name, split in self.splits.items()}
+        ref = reference_mod.load(path, fp) if self.cfg.trainer.resume else None
+        if ref is not None and all(not ref.get(n)[idx].isnan().any() for n, (_, idx) in used.items()):
+            log.info("reference log-probs: reused %s", path)
+            return ref
+        ref = reference_mod.reference_pass(self.model, used, self.need.kl, self.need.per_token,
+                                           self.cfg.reference.batch_size, self.pad_id, self.device, self.autocast,
+                                           self.show_progress)
+        reference_mod.save(ref, path, fp)
         return ref
 
-    def micro_step(self, idx: list) -> tuple:
-        """KTO on one micro-batch: the KL estimate from the examples' KL partners (no gradient),
-        then the policy's log-probs with gradient. Returns (loss, metrics, tokens)."""
-        split, ref, dev = self.train_split, self.ref, self.device
-        batch = {k: v.to(dev) for k, v in collate([split.sequence(i) for i in idx], self.pad_id).items()}
-        kl_batch = {k: v.to(dev) for k, v in collate([split.kl_sequence(i) for i in idx], self.pad_id).items()}
-        with torch.no_grad(), self.autocast():
-            kl_logps = completion_logps(self.model, kl_batch)  # (B,)
-        kl_ratio = kl_logps - ref.train_kl[idx].to(dev)  # (B,)
-        z = kto_reference_point(kl_ratio.sum(), torch.tensor(len(idx), device=dev))
-        with self.autocast():
-            logps = completion_logps(self.model, batch)  # (B,)
-        loss, metrics = kto_loss(logps, ref.train[idx].to(dev), split.desirable(idx).to(dev), z,
-                                 self.cfg.loss.beta, *self.weights)
-        return loss, metrics, int(batch["attention_mask"].sum())
+    def forward(self, name: str, idx: list, kl: bool = False, source: str = "policy") -> tuple:
+        """(Logps, tokens in the batch) of examples idx of split `name`, or of their KL sequences.
+        source="reference" reads the pre-pass instead of running the model (the policy before its
+        first step is the reference)."""
+        split = self.splits[name]
+        seqs = [split.kl_sequence(i) if kl else split.sequence(i) for i in idx]
+        if source == "reference":
+            lengths = torch.tensor([len(c) for _, c in seqs])
+            return Logps(seq=self.ref.get(name, "_kl" if kl else "")[idx].to(self.device), lengths=lengths), 0
+        batch = {k: v.to(self.device) for k, v in collate(seqs, self.pad_id).items()}
+        want_tokens = not kl and self.need.per_token
+        with self.autocast(), (torch.no_grad() if kl else contextlib.nullcontext()):
+            lp = completion_logps(self.model, batch, per_token=want_tokens, hidden=want_tokens and self.need.value_head)
+        return lp, int(batch["attention_mask"].sum())
+
+    def micro_step(self, name: str, units: list, source: str = "policy") -> tuple:
+        """(loss, metrics, tokens, example indices, their policy log-probs) of one micro-batch."""
+        need, ref = self.need, self.ref
+        idx = [u[0] for u in units] + [u[1] for u in units] if need.paired else list(units)
+        z = None
+        if need.kl:  # the KTO reference point, from the examples' KL partners, without gradient
+            kl_lp, _ = self.forward(name, idx, kl=True, source=source)
+            kl_ratio = kl_lp.seq - ref.get(name, "_kl")[idx].to(self.device)  # (B,)
+            z = kto_reference_point(kl_ratio.sum(), torch.tensor(len(idx), device=self.device))
+        lp, tokens = self.forward(name, idx, source=source)
+        ref_logps = {}
+        if need.reference:
+            ref_logps["seq"] = ref.get(name)[idx].to(self.device)
+            if need.per_token:
+                ref_logps["tokens"] = ref.get(name, "_tokens")[idx].to(self.device)
+        values = self.value_head(lp.hidden.float()).squeeze(-1) if need.value_head else None  # (B, L)
+        desirable = self.splits[name].desirable(idx).to(self.device)
+        loss, metrics = objectives.compute(self.cfg.loss.name, self.params, lp, ref_logps, desirable, z, values)
+        return loss, metrics, tokens, idx, lp.seq.detach()
 
     def optimizer_step(self, step: int) -> dict:
-        t = self.cfg.trainer
+        t, units = self.cfg.trainer, self.units["train"]
         self.model.train()
-        idx = batch_indices(step, len(self.train_split), t.batch_size, t.seed)
+        batch = [units[p] for p in batch_indices(step, len(units), t.batch_size, t.seed)]
         accum = t.batch_size // t.micro_batch_size
         sums, tokens, start = MetricSums(), 0, time.perf_counter()
         for k in range(accum):
-            loss, metrics, n_tok = self.micro_step(idx[k * t.micro_batch_size:(k + 1) * t.micro_batch_size])
+            loss, metrics, n_tok, _, _ = self.micro_step("train", batch[k * t.micro_batch_size:(k + 1) * t.micro_batch_size])
             (loss / accum).backward()
             sums.add(metrics)
             tokens += n_tok
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable(), t.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -233,28 +286,32 @@ class Trainer:
         elapsed = time.perf_counter() - start
         return {**sums.means(), "grad_norm": float(grad_norm), "lr": lr, "tokens/s": tokens / elapsed}
 
+    @torch.no_grad()
     def evaluate(self, initial: bool = False) -> dict:
-        """Held-out KTO loss and rewards, and how often the chosen answer beats the rejected one by
-        implicit reward and by log-prob. Before training the policy is the reference, so its
-        log-probs are the reference's and no forward pass is needed."""
-        split, ref = self.eval_split, self.ref
-        if initial:
-            logps, kl_logps = ref.eval, ref.eval_kl
-        else:
-            self.model.eval()
-            seqs, kl_seqs = reference_mod.split_sequences(split)
-            bs = self.cfg.trainer.eval_batch_size
-            logps = logps_of(self.model, seqs, bs, self.pad_id, self.device, self.autocast)
-            kl_logps = logps_of(self.model, kl_seqs, bs, self.pad_id, self.device, self.autocast)
-        z = kto_reference_point((kl_logps - ref.eval_kl).sum(), torch.tensor(len(split)))
-        _, metrics = kto_loss(logps, ref.eval, split.desirable(range(len(split))), z, self.cfg.loss.beta, *self.weights)
-        sums = MetricSums()
-        sums.add(metrics)
+        """The loss and its metrics on the held-out split, and how often the chosen completion beats
+        the rejected one, by implicit reward (losses with a reference) and by log-prob. Before
+        training the policy is the reference, so where the pre-pass has its log-probs no forward
+        pass is needed."""
+        split, units, bs = self.splits["eval"], self.units["eval"], self.cfg.trainer.eval_batch_size
+        source = "reference" if initial and self.need.reference and not self.need.value_head else "policy"
+        self.model.eval()
+        sums, logps = MetricSums(), torch.full((len(split),), float("nan"))
+        for start in range(0, len(units), bs):
+            _, metrics, _, idx, seq = self.micro_step("eval", units[start:start + bs], source)
+            sums.add(metrics)
+            logps[idx] = seq.float().cpu()
+        missing = logps.isnan().nonzero().squeeze(1).tolist()  # e.g. the rejected side, for sft
+        for start in range(0, len(missing), bs):
+            idx = missing[start:start + bs]
+            logps[idx] = self.forward("eval", idx, source=source)[0].seq.float().cpu()
         out = sums.means()
-        for name, scores in (("rewards/accuracies", logps - ref.eval), ("logps/accuracies", logps)):
-            acc = pair_accuracy(split, scores)
+        scores = {"logps/accuracies": logps}
+        if self.need.reference and "rewards/accuracies" not in out:
+            scores["rewards/accuracies"] = logps - self.ref.eval
+        for key, score in scores.items():
+            acc = pair_accuracy(split, score)
             if acc is not None:
-                out[name] = acc
+                out[key] = acc
         return out
 
 
@@ -281,7 +338,8 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     tr.setup()
     start_step = resume(tr, run_dir)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", append=start_step > 0)
-    before = tr.evaluate(initial=True) if tr.eval_split is not None else {}
+    has_eval = "eval" in tr.splits
+    before = tr.evaluate(initial=True) if has_eval else {}
     if start_step == 0 and before:
         metrics_log.write(0, "eval", before)
     t = cfg.trainer
@@ -294,16 +352,18 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
                 metrics_log.write(step + 1, "train", last)
             bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "kl", "rewards/margins") if k in last})
             bar.update(1)
-            if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < tr.steps and tr.eval_split is not None:
+            if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < tr.steps and has_eval:
                 metrics_log.write(step + 1, "eval", tr.evaluate())
             if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < tr.steps:
-                save_checkpoint(run_dir, step + 1, tr.model, tr.optimizer, tr.scheduler, fingerprint(cfg))
+                save_checkpoint(run_dir, step + 1, tr.model, tr.optimizer, tr.scheduler, fingerprint(cfg), tr.value_head)
     train_time = time.perf_counter() - first_step_at
-    after = tr.evaluate() if tr.eval_split is not None else {}
+    after = tr.evaluate() if has_eval else {}
     if after:
         metrics_log.write(tr.steps, "eval", after)
-    save_checkpoint(run_dir, tr.steps, tr.model, tr.optimizer, tr.scheduler, fingerprint(cfg))
-    export_final(run_dir, tr.model, tr.tokenizer)
+    save_checkpoint(run_dir, tr.steps, tr.model, tr.optimizer, tr.scheduler, fingerprint(cfg), tr.value_head)
+    if tr.need.control_tokens:
+        condition_on_good(tr.tokenizer, cfg.loss.good_token)
+    export_final(run_dir, tr.model, tr.tokenizer, tr.value_head)
     summary = {"steps": tr.steps, "train_seconds": train_time, "wall_seconds": time.perf_counter() - started,
                "peak_rss_mb": peak_rss_mb(), "last_train": last, "eval_before": before, "eval_after": after}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -321,9 +381,18 @@ def resume(tr: Trainer, run_dir: Path) -> int:
         return 0
     if not (path / "trainer_state.pt").is_file():
         raise UserError(f"{path}: not a kto-cli checkpoint (no trainer_state.pt)")
-    step = load_checkpoint(path, tr.model, tr.optimizer, tr.scheduler, fingerprint(tr.cfg))
+    step = load_checkpoint(path, tr.model, tr.optimizer, tr.scheduler, fingerprint(tr.cfg), tr.value_head)
     log.info("resumed from %s at step %d", path, step)
     return step
+
+
+def condition_on_good(tokenizer, good_token: str) -> None:
+    """csft: the exported chat template ends every generation prompt with the good control token,
+    so sampling from final/ with apply_chat_template(add_generation_prompt=True) uses it."""
+    if getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template += "{% if add_generation_prompt %}{{ '" + good_token + "' }}{% endif %}"
+    else:
+        log.warning("the tokenizer has no chat template: end prompts with %s when sampling from final/", good_token)
 
 
 def peak_rss_mb() -> float:

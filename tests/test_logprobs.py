@@ -1,28 +1,35 @@
 """The sparse LM-head path equals log_softmax over full logits at completion positions."""
 import torch
 
+from kto_cli import logprobs
 from kto_cli.config import ModelConfig, ModelSource
 from kto_cli.data import collate
 from kto_cli.logprobs import completion_logps, logps_of
-from kto_cli import logprobs
 from kto_cli.models import tiny_model
 
 
-def full_reference(model, batch):
+def full_token_logps(model, batch):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
     logp = torch.log_softmax(logits.float(), -1)[:, :-1].gather(2, batch["input_ids"][:, 1:, None]).squeeze(2)
-    return (logp * batch["completion_mask"][:, 1:]).sum(1)  # (B,)
+    return logp * batch["completion_mask"][:, 1:]  # (B, T-1), zero outside completions
 
 
 def test_sparse_head_matches_full_logits(tiny_tok, monkeypatch):
     model = tiny_model(ModelConfig(source=ModelSource.tiny, name_or_path="tiny"), len(tiny_tok), tiny_tok.pad_token_id)
     seqs = [([1, 2, 3, 4], [5, 6]), ([7, 8], [9, 10, 11, 12, 13]), ([3], [4])]
     batch = collate(seqs, tiny_tok.pad_token_id)
-    expected = full_reference(model, batch)
+    full = full_token_logps(model, batch)
     monkeypatch.setattr(logprobs, "HEAD_CHUNK", 3)  # several chunks
-    got = completion_logps(model, batch)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    # batched by length, returned in the order given, padding does not change the values
-    again = logps_of(model, seqs, batch_size=2, pad_id=tiny_tok.pad_token_id, device="cpu",
-                     autocast=lambda: torch.autocast("cpu", enabled=False))
-    torch.testing.assert_close(again, expected, rtol=1e-5, atol=1e-5)
+    got = completion_logps(model, batch, per_token=True, hidden=True)
+    torch.testing.assert_close(got.seq, full.sum(1), rtol=1e-5, atol=1e-5)
+    assert got.lengths.tolist() == [2, 5, 1]
+    # per token: row b holds its completion's tokens from column 0, zero-padded
+    assert got.mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    torch.testing.assert_close(got.tokens[1], full[1][full[1] != 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.tokens[0, :2], full[0, 3:5], rtol=1e-5, atol=1e-5)
+    assert got.hidden.shape == (3, 5, model.config.hidden_size) and got.hidden[0, 2:].abs().sum() == 0
+    # batched by length, returned in the order given; padding does not change the values
+    seq, tokens = logps_of(model, seqs, batch_size=2, pad_id=tiny_tok.pad_token_id, device="cpu",
+                           autocast=lambda: torch.autocast("cpu", enabled=False), per_token=True)
+    torch.testing.assert_close(seq, full.sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tokens, got.tokens.detach(), rtol=1e-5, atol=1e-5)
