@@ -1,0 +1,89 @@
+"""Each loss trains through the one loop on the tiny model, logs the shared metric names and saves
+final/; the loop does only the work the loss needs, and mismatched data fails with one line."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kto_cli.config import UserError
+from kto_cli.models import load_tokenizer
+from kto_cli.objectives import NEEDS, units
+from kto_cli.train import Trainer, train
+
+from conftest import make_config, write_jsonl
+
+TINY = ["model=tiny", "trainer.progress=false", "trainer.max_steps=3", "trainer.batch_size=4",
+        "trainer.micro_batch_size=2", "dataset.max_train_rows=12", "dataset.max_eval_rows=6"]
+EXTRA = {"ppo": ["train/loss/policy", "train/loss/critic", "train/clipfrac"], "orpo": ["train/nll"],
+         "slic": ["train/nll"], "kto": ["train/kl"]}
+
+
+@pytest.mark.parametrize("loss", sorted(NEEDS))
+def test_every_loss_trains_logs_and_exports(tmp_path, loss):
+    summary = train(make_config(*TINY, f"loss={loss}"), tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in lines if "train/loss" in r]
+    assert [r["step"] for r in train_lines] == [1, 2, 3]
+    keys = set(train_lines[0])
+    assert {"train/grad_norm", "train/lr", "train/tokens/s", "train/logps/chosen"} <= keys
+    if loss not in ("sft", "csft"):
+        assert {"train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins"} <= keys
+    if NEEDS[loss].paired:
+        assert "train/rewards/accuracies" in keys
+    for key in EXTRA.get(loss, []):
+        assert key in keys
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in train_lines)
+    assert "logps/accuracies" in summary["eval_after"]
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "reference_logps.safetensors").is_file() == NEEDS[loss].reference
+
+
+def test_reference_pass_holds_only_what_the_loss_needs(tmp_path):
+    train(make_config(*TINY, "loss=dpo"), tmp_path / "dpo")
+    train(make_config(*TINY, "loss=kto"), tmp_path / "kto")
+    train(make_config(*TINY, "loss=ppo"), tmp_path / "ppo")
+    keys = {}
+    for name in ("dpo", "kto", "ppo"):
+        with safe_open(str(tmp_path / name / "reference_logps.safetensors"), "pt") as f:
+            keys[name] = set(f.keys())
+    assert keys["dpo"] == {"train", "eval"}  # no KL partners, no per-token values
+    assert keys["kto"] == {"train", "train_kl", "eval", "eval_kl"}
+    assert keys["ppo"] == {"train", "train_tokens", "eval", "eval_tokens"}
+    assert (tmp_path / "ppo" / "final" / "value_head.safetensors").is_file()
+
+
+def test_csft_control_tokens_reach_the_exported_tokenizer(tmp_path):
+    train(make_config(*TINY, "loss=csft"), tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "final")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert {"<|good|>", "<|bad|>"} <= set(tok.get_vocab())
+    assert model.get_input_embeddings().weight.shape[0] >= len(tok)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "2 + 2?"}], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|good|>")
+
+
+UNPAIRED = [{"prompt": f"q{i}", "completion": f"{'good' if k else 'bad'} {i}", "label": bool(k)}
+            for i in range(6) for k in (1, 0)]
+
+
+def test_paired_loss_on_unpaired_data_says_which_option_pairs_it(tmp_path):
+    path = write_jsonl(tmp_path / "u.jsonl", UNPAIRED)
+    args = [*TINY, f"dataset.train={path}", "dataset.eval=null", "loss=dpo"]
+    with pytest.raises(UserError, match="loss=dpo needs preference pairs.*dataset.pair_by_prompt=true"):
+        train(make_config(*args), tmp_path / "a")
+    train(make_config(*args, "dataset.pair_by_prompt=true"), tmp_path / "b")  # pairs q_i's two completions
+    with pytest.raises(UserError, match="dataset.unpair=both"):
+        train(make_config(*TINY, "loss=simpo", "dataset.unpair=one"), tmp_path / "c")
+
+
+def test_paired_data_feeds_every_kind_of_loss(tmp_path):
+    """One paired dataset: dpo batches pairs, kto unpairs them, sft takes the chosen side."""
+    seen = {}
+    for loss in ("dpo", "kto", "sft"):
+        tr = Trainer(make_config(*TINY, f"loss={loss}"), tmp_path / loss)
+        tr.tokenizer = load_tokenizer(tr.cfg.model)
+        seen[loss] = units(tr.load_data()["train"], tr.need)
+    assert len(seen["dpo"]) == 12 and all(isinstance(u, tuple) for u in seen["dpo"])
+    assert len(seen["kto"]) == 24 and len(seen["sft"]) == 12
