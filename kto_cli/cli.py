@@ -41,10 +41,28 @@ def _train(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+@hydra.main(version_base=None, config_path="pkg://kto_cli.conf", config_name="config")
+def _precompute(cfg: DictConfig) -> None:
+    from .train import precompute
+
+    try:
+        precompute(to_run_config(cfg))
+    except UserError as e:
+        print(f"kto-precompute: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def train_main() -> None:
     register_configs()
     tune_allocator()
     _train()
+
+
+def precompute_main() -> None:
+    """kto-precompute <the same overrides as kto-train>: fill the reference cache ahead of training."""
+    register_configs()
+    tune_allocator()
+    _precompute()
 
 
 if __name__ == "__main__":

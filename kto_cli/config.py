@@ -185,9 +185,17 @@ class TrainerConfig:
     threads: Optional[int] = None  # torch CPU threads; null keeps torch's default
 
 
+class CacheMode(Enum):
+    off = "off"
+    read = "read"  # use cached values, never write
+    readwrite = "readwrite"
+
+
 @dataclass
 class ReferenceConfig:
     batch_size: int = 16
+    cache: CacheMode = CacheMode.readwrite
+    cache_dir: Optional[str] = None  # default: $KTO_CLI_CACHE/reference or ~/.cache/kto-cli/reference
 
 
 @dataclass

@@ -70,11 +70,13 @@ def head_logps(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 def logps_of(model, sequences: list, batch_size: int, pad_id: int, device, autocast, progress=None,
              per_token: bool = False) -> tuple:
     """Completion log-probs for many (prompt ids, completion ids) pairs, batched by length so little
-    padding is computed, returned in the order given, on CPU: (seq (N,), tokens (N, L) or None)."""
+    padding is computed, returned in the order given, on CPU: (seq (N,), tokens (N, L) or None,
+    lengths (N,) of the scored completion tokens)."""
     from .data import collate
 
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
     seq = torch.empty(len(sequences), dtype=torch.float32)
+    lengths = torch.zeros(len(sequences), dtype=torch.long)
     tokens = torch.zeros(len(sequences), max((len(c) for _, c in sequences), default=0)) if per_token else None
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -82,8 +84,9 @@ def logps_of(model, sequences: list, batch_size: int, pad_id: int, device, autoc
         with autocast():
             lp = completion_logps(model, batch, per_token=per_token)
         seq[idx] = lp.seq.float().cpu()
+        lengths[idx] = lp.lengths.cpu()
         if per_token:
             tokens[idx, : lp.tokens.shape[1]] = lp.tokens.float().cpu()
         if progress is not None:
             progress.update(len(idx))
-    return seq, tokens
+    return seq, tokens, lengths

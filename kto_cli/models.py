@@ -1,4 +1,5 @@
 """Loading a causal LM and its tokenizer: hub name or folder, GGUF file, or a tiny config."""
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -82,6 +83,37 @@ def converted_gguf(cfg: ModelConfig) -> Path:
     except OSError:  # another process converted it first
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def model_key(cfg: ModelConfig, vocab_size: int, precision: str) -> str:
+    """What the reference log-probs depend on besides the sequences, computable without loading the
+    model: the weight and config files' hashes (or, for tiny, its config and seed), the precision
+    and the library versions."""
+    import json
+    from dataclasses import asdict
+
+    import transformers
+
+    from .refcache import folder_digest
+
+    if cfg.source == ModelSource.tiny:
+        weights = json.dumps({**asdict(cfg.tiny), "vocab": vocab_size}, sort_keys=True)
+    else:
+        folder = converted_gguf(cfg) if cfg.source == ModelSource.gguf else local_folder(cfg)
+        weights = folder_digest(folder, cache_root() / "file-hashes.json") if folder else f"hub:{cfg.name_or_path}@{cfg.revision}"
+    text = f"{weights}|{precision}|torch {torch.__version__}|transformers {transformers.__version__}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def local_folder(cfg: ModelConfig):
+    """The folder an hf model loads from: itself, or its snapshot in the local hub cache (None if neither)."""
+    if Path(cfg.name_or_path).is_dir():
+        return Path(cfg.name_or_path)
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(cfg.name_or_path, revision=cfg.revision, local_files_only=True))
+    except Exception:
+        return None
 
 
 def _hf_load(loader, cfg: ModelConfig, path, **kwargs):

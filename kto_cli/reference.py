@@ -1,21 +1,25 @@
-"""The reference pass: the reference model's completion log-probs for the examples training and
-evaluation will use (and, for KTO, their KL partners), computed once before training.
+"""The reference pass: the reference model's completion log-probs for the examples a run will use
+(and, for KTO, their KL partners), computed once and, through kto_cli/refcache.py, shared on disk
+with every later run that needs the same values.
 
-The reference model is the policy's starting point, so the pass runs on the freshly loaded model
-before the first step: training never holds a second model.
+The reference model is the policy's starting point, so a run that must compute anything does it on
+the freshly loaded model before the first step: training never holds a second model.
 """
+import logging
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import Split
 from .logprobs import logps_of
+from .refcache import RefCache, sequence_key
+
+log = logging.getLogger("kto_cli")
 
 
 @dataclass
@@ -32,28 +36,72 @@ class ReferenceLogps:
         return getattr(self, f"{split}{kind}")
 
 
-def split_sequences(split: Split, indices, kl: bool = False) -> list:
-    return [split.kl_sequence(i) if kl else split.sequence(i) for i in indices]
+def wanted(splits: dict, kl: bool) -> list:
+    """(output field, split, example indices, sequences) for everything the pass must deliver."""
+    jobs = []
+    for name, (split, idx) in splits.items():
+        jobs.append((name, split, idx, [split.sequence(i) for i in idx]))
+        if kl:
+            jobs.append((f"{name}_kl", split, idx, [split.kl_sequence(i) for i in idx]))
+    return jobs
 
 
-def reference_pass(model, splits: dict, kl: bool, per_token: bool, batch_size: int, pad_id: int, device,
-                   autocast, show_progress: bool = True) -> ReferenceLogps:
-    """splits: name ("train"/"eval") -> (Split, indices of the examples that will be used)."""
+def reference_pass(get_model: Callable, splits: dict, kl: bool, per_token: bool, cache: Optional[RefCache],
+                   batch_size: int, pad_id: int, device, autocast, show_progress: bool = True,
+                   shard: tuple = (0, 1)) -> tuple:
+    """splits: name ("train"/"eval") -> (Split, indices of the examples that will be used).
+    Looks every sequence up in the cache by content, computes only the missing ones (this
+    process's share of them when shard = (rank, world size)), stores those, and returns
+    (ReferenceLogps, or None when sharded, and a report). get_model is called only if something
+    must be computed."""
+    jobs = wanted(splits, kl)
+    keys = [[sequence_key(*s) for s in seqs] for _, _, _, seqs in jobs]
+    todo = {}
+    for job, job_keys in zip(jobs, keys):
+        for k, s in zip(job_keys, job[3]):
+            if (cache is None or cache.get(k) is None) and k not in todo:
+                todo[k] = s
+    reused = len({k for ks in keys for k in ks}) - len(todo)
+    mine = list(todo)[shard[0]::shard[1]]
+    values = compute(get_model, [todo[k] for k in mine], mine, per_token, batch_size, pad_id, device, autocast,
+                     show_progress)
+    if cache is not None:
+        path = cache.put(mine, torch.tensor([values[k][0] for k in mine]), [values[k][1] for k in mine] if per_token else None)
+        if path:
+            log.info("reference cache: stored %d values in %s", len(mine), path)
+    lookup = (lambda k: values[k] if k in values else cache.get(k))
+    report = {"reused": reused, "computed": len(mine), "damaged_shards": cache.corrupt if cache else 0}
+    if shard[1] > 1:  # the other processes' values are theirs to store; nothing to assemble here
+        return None, report
+    return assemble(jobs, keys, lookup, per_token), report
+
+
+def compute(get_model, sequences: list, keys: list, per_token: bool, batch_size, pad_id, device, autocast,
+            show_progress) -> dict:
+    """key -> (summed log-prob, per-token log-probs or None) for sequences, on the reference model."""
+    if not sequences:
+        return {}
+    model = get_model()
     model.eval()
+    with tqdm(total=len(sequences), desc="reference pass", unit="seq", disable=not show_progress) as bar:
+        seq, tokens, lengths = logps_of(model, sequences, batch_size, pad_id, device, autocast, bar, per_token=per_token)
+    return {k: (float(seq[i]), tokens[i, : lengths[i]].clone() if per_token else None) for i, k in enumerate(keys)}
+
+
+def assemble(jobs: list, keys: list, lookup: Callable, per_token: bool) -> ReferenceLogps:
     out = {}
-    total = sum(len(idx) * (2 if kl else 1) for _, idx in splits.values())
-    with tqdm(total=total, desc="reference pass", unit="seq", disable=not show_progress) as bar:
-        for name, (split, indices) in splits.items():
-            idx = torch.tensor(list(indices), dtype=torch.long)
-            seq, tokens = logps_of(model, split_sequences(split, indices), batch_size, pad_id, device, autocast, bar,
-                                   per_token=per_token)
-            out[name] = torch.full((len(split),), float("nan")).index_copy(0, idx, seq)
-            if per_token:
-                out[f"{name}_tokens"] = torch.full((len(split), tokens.shape[1]), float("nan")).index_copy(0, idx, tokens)
-            if kl:
-                kl_seq, _ = logps_of(model, split_sequences(split, indices, kl=True), batch_size, pad_id, device,
-                                     autocast, bar)
-                out[f"{name}_kl"] = torch.full((len(split),), float("nan")).index_copy(0, idx, kl_seq)
+    for (name, split, idx, seqs), job_keys in zip(jobs, keys):
+        rows = torch.tensor(list(idx), dtype=torch.long)
+        found = [lookup(k) for k in job_keys]
+        out[name] = torch.full((len(split),), float("nan")).index_copy(0, rows, torch.tensor([f[0] for f in found]))
+        if per_token and not name.endswith("_kl"):
+            width = max((len(c) for _, c in seqs), default=0)
+            tokens = torch.full((len(split), width), float("nan"))
+            for r, f in zip(idx, found):
+                t = torch.as_tensor(f[1], dtype=torch.float32)
+                tokens[r] = 0.0  # past the scored tokens: 0, as the policy's per-token log-probs
+                tokens[r, : len(t)] = t
+            out[f"{name}_tokens"] = tokens
     return ReferenceLogps(**out)
 
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,11 +22,12 @@ from tqdm.auto import tqdm
 from . import objectives
 from . import reference as reference_mod
 from .checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import KTOLossConfig, Precision, RunConfig, Schedule, UnpairMode, UserError
+from .config import CacheMode, KTOLossConfig, Precision, RunConfig, Schedule, UnpairMode, UserError
 from .data import Split, build_splits, collate
 from .logprobs import Logps, completion_logps
 from .losses import kto_reference_point, pair_wins
-from .models import load_model, load_tokenizer
+from .models import cache_root, load_model, load_tokenizer, model_key
+from .refcache import RefCache
 
 log = logging.getLogger("kto_cli")
 
@@ -117,6 +119,16 @@ def _epoch_permutation(n: int, seed: int, epoch: int) -> list:
     return torch.randperm(n, generator=g).tolist()
 
 
+def open_cache(cfg: RunConfig, tokenizer) -> Optional[RefCache]:
+    """The shared reference cache for this model and precision (None with reference.cache=off)."""
+    r = cfg.reference
+    if r.cache == CacheMode.off:
+        return None
+    root = Path(r.cache_dir) if r.cache_dir else cache_root() / "reference"
+    key = model_key(cfg.model, len(tokenizer), cfg.trainer.precision.value)
+    return RefCache(root, key, objectives.needs(cfg.loss.name).per_token, writable=r.cache == CacheMode.readwrite)
+
+
 def fingerprint(cfg: RunConfig) -> str:
     """What a checkpoint must agree with to be resumed (not the step counts or logging)."""
     keep = {k: v for k, v in asdict(cfg).items() if k in ("model", "dataset", "loss")}
@@ -164,6 +176,7 @@ class Trainer:
         self.show_progress = cfg.trainer.progress
         self.need = objectives.needs(cfg.loss.name)
         self.value_head = None
+        self.reference_report = None
 
     def setup(self) -> None:
         cfg, need = self.cfg, self.need
@@ -218,7 +231,8 @@ class Trainer:
         return sorted({i for p in positions for i in (units[p] if self.need.paired else (units[p],))})
 
     def reference(self) -> reference_mod.ReferenceLogps:
-        """Computed on the policy's initial weights; kept in the run dir so a resumed run reuses it."""
+        """Reference log-probs of the examples this run uses: from the shared cache where present,
+        computed on the policy's initial weights otherwise. Kept in the run dir for resuming."""
         path = self.run_dir / "reference_logps.safetensors"
         fp = fingerprint(self.cfg)
         used = {name: (split, self.used_examples(name)) for name, split in self.splits.items()}
@@ -226,9 +240,11 @@ class Trainer:
         if ref is not None and all(not ref.get(n)[idx].isnan().any() for n, (_, idx) in used.items()):
             log.info("reference log-probs: reused %s", path)
             return ref
-        ref = reference_mod.reference_pass(self.model, used, self.need.kl, self.need.per_token,
-                                           self.cfg.reference.batch_size, self.pad_id, self.device, self.autocast,
-                                           self.show_progress)
+        ref, report = reference_mod.reference_pass(
+            lambda: self.model, used, self.need.kl, self.need.per_token, open_cache(self.cfg, self.tokenizer),
+            self.cfg.reference.batch_size, self.pad_id, self.device, self.autocast, self.show_progress)
+        log.info("reference log-probs: %d reused from the cache, %d computed", report["reused"], report["computed"])
+        self.reference_report = report
         reference_mod.save(ref, path, fp)
         return ref
 
@@ -414,3 +430,34 @@ def print_summary(summary: dict, run_dir: Path) -> None:
                 lines.append(f"{k:<22}{before.get(k, float('nan')):>10.4f}{after[k]:>10.4f}")
     lines.append(f"run dir: {run_dir}   model: {run_dir / 'final'}")
     print("\n".join(lines), flush=True)
+
+
+def process_shard() -> tuple:
+    """(rank, world size) from torchrun/deepspeed (RANK, WORLD_SIZE) or Slurm (SLURM_PROCID, SLURM_NTASKS)."""
+    env = os.environ
+    rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
+    world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
+    return rank, world
+
+
+def precompute(cfg: RunConfig) -> dict:
+    """kto-precompute: fills the shared cache with the reference log-probs of every train and eval
+    example (and KL sequence, for kto) that the same overrides would train on. Several processes
+    each compute their share of what is missing; the model loads only if something is."""
+    tr = Trainer(cfg, run_dir=None)
+    if not tr.need.reference:
+        raise UserError(f"loss={cfg.loss.name} uses no reference model: nothing to precompute")
+    if cfg.reference.cache != CacheMode.readwrite:
+        raise UserError("kto-precompute writes the reference cache: set reference.cache=readwrite")
+    tr.tokenizer = load_tokenizer(cfg.model)
+    tr.pad_id = tr.tokenizer.pad_token_id
+    tr.splits = tr.load_data()
+    used = {name: (split, range(len(split))) for name, split in tr.splits.items()}
+    get_model = lambda: load_model(cfg.model, tr.tokenizer).to(tr.device)  # noqa: E731
+    cache = open_cache(cfg, tr.tokenizer)
+    _, report = reference_mod.reference_pass(get_model, used, tr.need.kl, tr.need.per_token, cache,
+                                             cfg.reference.batch_size, tr.pad_id, tr.device, tr.autocast,
+                                             tr.show_progress, shard=process_shard())
+    print(f"kto-precompute: {report['reused']} values already cached, {report['computed']} computed "
+          f"(process {process_shard()[0]} of {process_shard()[1]}) in {cache.dir}", flush=True)
+    return report

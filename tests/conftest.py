@@ -21,6 +21,13 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test gets an empty kto-cli cache (reference log-probs, converted models)."""
+    monkeypatch.setenv("KTO_CLI_CACHE", str(tmp_path / "kto-cli-cache"))
+    return tmp_path / "kto-cli-cache"
+
+
 @pytest.fixture(scope="session")
 def tiny_tok():
     from kto_cli.models import tiny_tokenizer

@@ -29,7 +29,8 @@ def test_sparse_head_matches_full_logits(tiny_tok, monkeypatch):
     torch.testing.assert_close(got.tokens[0, :2], full[0, 3:5], rtol=1e-5, atol=1e-5)
     assert got.hidden.shape == (3, 5, model.config.hidden_size) and got.hidden[0, 2:].abs().sum() == 0
     # batched by length, returned in the order given; padding does not change the values
-    seq, tokens = logps_of(model, seqs, batch_size=2, pad_id=tiny_tok.pad_token_id, device="cpu",
+    seq, tokens, lengths = logps_of(model, seqs, batch_size=2, pad_id=tiny_tok.pad_token_id, device="cpu",
                            autocast=lambda: torch.autocast("cpu", enabled=False), per_token=True)
     torch.testing.assert_close(seq, full.sum(1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tokens, got.tokens.detach(), rtol=1e-5, atol=1e-5)
+    assert lengths.tolist() == [2, 5, 1]

@@ -1,0 +1,128 @@
+"""A content-addressed disk cache of reference log-probs, shared by every run that can use it.
+
+    <cache_dir>/<model key>/<seq|tok>/<content hash>.safetensors
+
+The model key covers what the numbers depend on besides the sequence: the weights (hashes of the
+model's weight and config files, memoised by path, size and mtime, so a start does not re-read
+gigabytes), the precision, and the library versions. Each entry is keyed by a hash of its token
+ids (prompt and completion after chat template and truncation), so the tokenizer, the template,
+the truncation settings and the KL pairing are covered by content, and a look-up never depends on
+batch order, batch size or world size.
+
+Shards are written under a temp name and renamed to the hash of their content: two processes
+writing the same values produce the same name and leave one valid file. Each shard carries a
+checksum of its tensors; a shard that fails it (truncated, corrupted) is set aside and its values
+are recomputed.
+"""
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+log = logging.getLogger("kto_cli")
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.gguf", "config.json")
+
+
+def sequence_key(prompt: list, completion: list) -> bytes:
+    """16 bytes identifying a (prompt ids, completion ids) pair."""
+    ids = np.asarray(list(prompt) + [-1] + list(completion), dtype=np.int64)
+    return hashlib.blake2b(ids.tobytes(), digest_size=16).digest()
+
+
+def file_digest(path: Path, memo: dict) -> str:
+    st = path.stat()
+    stamp = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    if stamp not in memo:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        memo[stamp] = h.hexdigest()
+    return memo[stamp]
+
+
+def folder_digest(folder: Path, memo_path: Path) -> str:
+    """Hash of a model folder's weight and config files; each file is read once per (size, mtime)."""
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    files = sorted({p for pattern in WEIGHT_FILES for p in folder.glob(pattern) if p.is_file()})
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name}:{file_digest(p, memo)}\n".encode())
+    memo_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo_path.with_name(f"{memo_path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(memo))
+    os.replace(tmp, memo_path)
+    return h.hexdigest()
+
+
+def _tensor_checksum(arrays: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arrays[name]).tobytes())
+    return h.hexdigest()
+
+
+class RefCache:
+    """Reference log-probs of one model (and precision), per token or per sequence."""
+
+    def __init__(self, root: Path, model_key: str, per_token: bool, writable: bool):
+        self.dir = Path(root) / model_key / ("tok" if per_token else "seq")
+        self.per_token, self.writable = per_token, writable
+        self.entries = {}  # key bytes -> (seq value, per-token array or None)
+        self.corrupt = 0
+        if self.dir.is_dir():
+            for shard in sorted(self.dir.glob("*.safetensors")):
+                self._read(shard)
+
+    def _read(self, shard: Path) -> None:
+        try:
+            arrays = load_file(str(shard))
+            from safetensors import safe_open
+            with safe_open(str(shard), "np") as f:
+                checksum = (f.metadata() or {}).get("checksum")
+            if checksum != _tensor_checksum(arrays):
+                raise ValueError("checksum mismatch")
+        except Exception as e:  # truncated or corrupted: never trusted, recomputed
+            self.corrupt += 1
+            log.warning("reference cache: %s is damaged (%s); set aside, its values will be recomputed",
+                        shard, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            os.replace(shard, shard.with_name(f"{shard.name}.corrupt-{os.getpid()}"))
+            return
+        keys, seq = arrays["keys"], arrays["seq"]
+        offsets = arrays.get("offsets")
+        for i in range(len(seq)):
+            tokens = arrays["tokens"][offsets[i]:offsets[i + 1]] if offsets is not None else None
+            self.entries[keys[i].tobytes()] = (float(seq[i]), tokens)
+
+    def get(self, key: bytes):
+        return self.entries.get(key)
+
+    def put(self, keys: list, seq: torch.Tensor, tokens: Optional[list] = None) -> Optional[Path]:
+        """Stores new values as one shard named by its content; returns its path."""
+        if not self.writable or not keys:
+            return None
+        arrays = {"keys": np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16).copy(),
+                  "seq": seq.numpy().astype(np.float32)}
+        if self.per_token:
+            arrays["offsets"] = np.concatenate([[0], np.cumsum([len(t) for t in tokens])]).astype(np.int64)
+            arrays["tokens"] = np.concatenate([t.numpy() for t in tokens]).astype(np.float32)
+        checksum = _tensor_checksum(arrays)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"{checksum[:32]}.safetensors"
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        save_file(arrays, str(tmp), metadata={"checksum": checksum})
+        os.replace(tmp, path)  # same content, same name: concurrent writers leave one valid file
+        for i, k in enumerate(keys):
+            self.entries[k] = (float(arrays["seq"][i]), tokens[i].numpy() if self.per_token else None)
+        return path

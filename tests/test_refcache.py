@@ -1,0 +1,125 @@
+"""The shared reference cache: reuse by content, invalidation, damage, concurrent writers, precompute."""
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kto_cli import reference
+from kto_cli.refcache import RefCache, sequence_key
+from kto_cli.train import train
+
+from conftest import make_config
+
+# 12 pairs = 24 examples; 6 steps of 4 visit every one of them.
+BASE = ["model=tiny", "trainer.progress=false", "dataset.max_train_rows=12", "dataset.max_eval_rows=4"]
+FIRST = [*BASE, "trainer.max_steps=6", "trainer.batch_size=4", "trainer.micro_batch_size=4"]
+
+
+@pytest.fixture
+def compute_calls(monkeypatch):
+    """Counts the reference model's forward passes over sequences (0: the model was never asked)."""
+    calls = []
+    real = reference.logps_of
+    monkeypatch.setattr(reference, "logps_of", lambda model, seqs, *a, **k: calls.append(len(seqs)) or real(model, seqs, *a, **k))
+    return calls
+
+
+def ref_values(run_dir):
+    return load_file(str(run_dir / "reference_logps.safetensors"))
+
+
+def test_other_beta_batch_and_shuffle_reuse_bit_identical_values(tmp_path, compute_calls):
+    train(make_config(*FIRST), tmp_path / "a")
+    assert 0 < sum(compute_calls) <= 24 * 2 + 8 * 2  # train + KL, eval + KL; a repeated sequence once
+    compute_calls.clear()
+    train(make_config(*BASE, "loss.beta=0.3", "trainer.seed=7", "trainer.batch_size=2", "trainer.micro_batch_size=1",
+                      "trainer.max_steps=12"), tmp_path / "b")
+    assert compute_calls == []  # nothing computed: the reference model was never run
+    a, b = ref_values(tmp_path / "a"), ref_values(tmp_path / "b")
+    for k in a:
+        assert torch.equal(a[k].nan_to_num(7.0), b[k].nan_to_num(7.0)), k
+
+
+@pytest.mark.parametrize("change", [["model.tiny.seed=1"], ["model.use_chat_template=false"],
+                                    ["dataset.max_length=40", "dataset.max_prompt_length=30"],
+                                    ["trainer.precision=bf16"]])
+def test_changes_that_alter_the_numbers_invalidate(tmp_path, compute_calls, change):
+    train(make_config(*FIRST), tmp_path / "a")
+    compute_calls.clear()
+    train(make_config(*FIRST, *change), tmp_path / "b")
+    assert sum(compute_calls) > 0
+
+
+def test_new_data_computes_only_what_is_missing(tmp_path, compute_calls):
+    train(make_config(*FIRST), tmp_path / "a")
+    compute_calls.clear()
+    train(make_config(*FIRST, "dataset.max_train_rows=14", "trainer.max_steps=7"), tmp_path / "b")
+    # 2 new pairs = 4 new examples; the 24 old examples come from the cache. The KL partners are a
+    # derangement of the new dataset, so KL sequences are mostly new too (28 at most).
+    assert 4 <= sum(compute_calls) <= 4 + 28
+
+
+def test_damaged_shard_is_set_aside_and_recomputed(tmp_path, own_cache, compute_calls):
+    train(make_config(*FIRST), tmp_path / "a")
+    first = sum(compute_calls)
+    (shard,) = list(own_cache.rglob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    compute_calls.clear()
+    train(make_config(*FIRST), tmp_path / "b")
+    assert sum(compute_calls) == first
+    assert list(own_cache.rglob("*.corrupt-*"))
+    a, b = ref_values(tmp_path / "a"), ref_values(tmp_path / "b")
+    torch.testing.assert_close(a["train"], b["train"], equal_nan=True)
+    # a shard whose bytes were changed in place fails its checksum
+    (shard,) = [p for p in own_cache.rglob("*.safetensors")]
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert RefCache(shard.parent.parent.parent, shard.parent.parent.name, False, True).corrupt == 1
+
+
+def _write(root, barrier, values):
+    cache = RefCache(root, "model", per_token=False, writable=True)
+    keys = [sequence_key([1, 2], [i]) for i in range(len(values))]
+    barrier.wait()
+    cache.put(keys, torch.tensor(values))
+
+
+def test_two_processes_writing_the_same_entry_leave_one_valid_file(tmp_path):
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_write, args=(tmp_path, barrier, [0.5, -1.25, 3.0])) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    files = list((tmp_path / "model" / "seq").iterdir())
+    assert len(files) == 1 and files[0].suffix == ".safetensors"
+    cache = RefCache(tmp_path, "model", per_token=False, writable=False)
+    assert cache.corrupt == 0 and cache.get(sequence_key([1, 2], [1]))[0] == -1.25
+
+
+def test_per_token_values_round_trip(tmp_path):
+    cache = RefCache(tmp_path, "m", per_token=True, writable=True)
+    keys = [sequence_key([1], [2, 3]), sequence_key([1], [4])]
+    cache.put(keys, torch.tensor([-3.0, -1.0]), [torch.tensor([-1.0, -2.0]), torch.tensor([-1.0])])
+    again = RefCache(tmp_path, "m", per_token=True, writable=False)
+    assert again.get(keys[0])[1].tolist() == [-1.0, -2.0] and again.get(keys[1])[0] == -1.0
+
+
+def test_precompute_in_two_processes_then_train_computes_nothing(tmp_path, own_cache, compute_calls):
+    exe = Path(sys.executable).parent / "kto-precompute"
+    args = [str(exe), *BASE, f"hydra.run.dir={tmp_path / 'pre'}"]
+    procs = [subprocess.Popen(args, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert len(list(own_cache.rglob("*.safetensors"))) == 2  # one shard per process
+    train(make_config(*FIRST), tmp_path / "a")
+    assert compute_calls == []
