@@ -240,11 +240,12 @@ class Trainer:
         if ref is not None and all(not ref.get(n)[idx].isnan().any() for n, (_, idx) in used.items()):
             log.info("reference log-probs: reused %s", path)
             return ref
+        started = time.perf_counter()
         ref, report = reference_mod.reference_pass(
             lambda: self.model, used, self.need.kl, self.need.per_token, open_cache(self.cfg, self.tokenizer),
             self.cfg.reference.batch_size, self.pad_id, self.device, self.autocast, self.show_progress)
         log.info("reference log-probs: %d reused from the cache, %d computed", report["reused"], report["computed"])
-        self.reference_report = report
+        self.reference_report = {**report, "seconds": time.perf_counter() - started}
         reference_mod.save(ref, path, fp)
         return ref
 
@@ -380,7 +381,9 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     if tr.need.control_tokens:
         condition_on_good(tr.tokenizer, cfg.loss.good_token)
     export_final(run_dir, tr.model, tr.tokenizer, tr.value_head)
+    ref_report = tr.reference_report or {}
     summary = {"steps": tr.steps, "train_seconds": train_time, "wall_seconds": time.perf_counter() - started,
+               "reference_seconds": ref_report.get("seconds", 0.0), "reference": ref_report,
                "peak_rss_mb": peak_rss_mb(), "last_train": last, "eval_before": before, "eval_after": after}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary, run_dir)
