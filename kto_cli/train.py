@@ -338,7 +338,19 @@ class MetricsLog:
     """metrics.jsonl in the run dir, one JSON object per logged step, flushed as written."""
 
     def __init__(self, path: Path, append: bool):
+        self.path = path
         self.f = open(path, "a" if append else "w", encoding="utf-8")
+
+    def first(self, split: str) -> dict:
+        """The first logged record of a split, without its prefix ({} if none)."""
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if any(k.startswith(f"{split}/") for k in record):
+                return {k[len(split) + 1:]: v for k, v in record.items() if k.startswith(f"{split}/")}
+        return {}
+
+    def close(self) -> None:
+        self.f.close()
 
     def write(self, step: int, split: str, metrics: dict) -> None:
         record = {"step": step, **{f"{split}/{k}": v for k, v in metrics.items()}}
@@ -356,13 +368,16 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     start_step = resume(tr, run_dir)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", append=start_step > 0)
     has_eval = "eval" in tr.splits
-    before = tr.evaluate(initial=True) if has_eval else {}
-    if start_step == 0 and before:
-        metrics_log.write(0, "eval", before)
+    if start_step > 0:  # the policy is no longer the initial one: take "before" from the log
+        before = metrics_log.first("eval")
+    else:
+        before = tr.evaluate(initial=True) if has_eval else {}
+        if before:
+            metrics_log.write(0, "eval", before)
     t = cfg.trainer
     last = {}
     first_step_at = time.perf_counter()
-    with tqdm(total=tr.steps, initial=start_step, desc="kto", unit="step", disable=not tr.show_progress) as bar:
+    with tqdm(total=tr.steps, initial=start_step, desc=cfg.loss.name, unit="step", disable=not tr.show_progress) as bar:
         for step in range(start_step, tr.steps):
             last = tr.optimizer_step(step)
             if (step + 1) % t.log_every == 0 or step + 1 == tr.steps:
@@ -377,6 +392,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     after = tr.evaluate() if has_eval else {}
     if after:
         metrics_log.write(tr.steps, "eval", after)
+    metrics_log.close()
     save_checkpoint(run_dir, tr.steps, tr.model, tr.optimizer, tr.scheduler, fingerprint(cfg), tr.value_head)
     if tr.need.control_tokens:
         condition_on_good(tr.tokenizer, cfg.loss.good_token)

@@ -1,0 +1,187 @@
+"""kto-train side by side with TRL's KTOTrainer and a bare PyTorch loop, on the same model, examples,
+batch size, lengths, precision and steps (KTO, beta 0.1, lr 1e-5 constant, fp32, CPU).
+
+    pip install trl                                    # for this benchmark only
+    python scripts/bench_vs_trl.py                     # tiny and smollm2_135m, 12 steps each
+    python scripts/bench_vs_trl.py --models tiny --steps 20 --repeats 3
+
+Each configuration runs in its own process (peak RSS is that process's):
+  trl_default     KTOTrainer with a reference model, reference log-probs every step
+  trl_precompute  KTOTrainer with precompute_ref_log_probs=True
+  bare            a hand-written loop with cached reference log-probs: forward with grad on the
+                  examples, forward without grad on their KL partners, the completion log-prob
+                  gather (LM head on completion positions only), backward, AdamW
+  ours            kto-train (reference.cache=off: its reference pass is inside time-to-first-step)
+tokens/s counts prompt + completion tokens of the policy batches over the training steps' time.
+Allocator: glibc defaults in every configuration except `ours`, which tunes mallopt at start as
+kto-train always does; run with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 for equal footing.
+"""
+import argparse
+import copy
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH, MAX_LENGTH, LR, ROWS = 8, 128, 1e-5, 48
+
+
+def compose(model: str, steps: int, out: Path):
+    from hydra import compose as hydra_compose, initialize_config_module
+
+    from kto_cli.config import register_configs, to_run_config
+    register_configs()
+    overrides = [f"model={model}", f"trainer.max_steps={steps}", f"trainer.batch_size={BATCH}",
+                 f"trainer.micro_batch_size={BATCH}", f"trainer.lr={LR}", "trainer.schedule=constant",
+                 "trainer.warmup_ratio=0", "trainer.progress=false", "dataset.eval=null",
+                 f"dataset.max_train_rows={ROWS}", f"dataset.max_length={MAX_LENGTH}", "reference.cache=off"]
+    with initialize_config_module("kto_cli.conf", version_base=None):
+        return to_run_config(hydra_compose("config", overrides=overrides))
+
+
+def setup(model_name: str, steps: int, out: Path):
+    """The model, tokenizer and examples every configuration uses."""
+    from kto_cli.data import build_splits
+    from kto_cli.models import load_model, load_tokenizer
+    cfg = compose(model_name, steps, out)
+    tok = load_tokenizer(cfg.model)
+    split, _, _ = build_splits(cfg.dataset, tok, True)
+    return cfg, tok, split, lambda: load_model(cfg.model, tok)
+
+
+def mean_tokens(split) -> float:
+    return sum(len(p) + len(c) for p, c in (split.sequence(i) for i in range(len(split)))) / len(split)
+
+
+def run_ours(model_name: str, steps: int, out: Path) -> dict:
+    from kto_cli.cli import tune_allocator
+    tune_allocator()
+    from kto_cli.train import train
+    cfg, _, split, _ = setup(model_name, steps, out)
+    start = time.perf_counter()
+    summary = train(cfg, out)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    first = [r for r in lines if "train/loss" in r][:3]
+    return {"train_s": summary["train_seconds"], "first_step_s": summary["wall_seconds"] - summary["train_seconds"],
+            "total_s": time.perf_counter() - start, "tokens": steps * BATCH * mean_tokens(split),
+            "first_steps": [{k: r.get(f"train/{k}") for k in ("loss", "kl", "rewards/chosen", "rewards/rejected")}
+                            for r in first]}
+
+
+def run_bare(model_name: str, steps: int, out: Path) -> dict:
+    import torch
+    from kto_cli.data import collate
+    from kto_cli.logprobs import completion_logps, logps_of
+    from kto_cli.losses import kto_loss, kto_reference_point
+    start = time.perf_counter()
+    cfg, tok, split, load = setup(model_name, steps, out)
+    model = load()
+    n = len(split)
+    seqs = [split.sequence(i) for i in range(n)]
+    kl_seqs = [split.kl_sequence(i) for i in range(n)]
+    off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    ref, _, _ = logps_of(model, seqs, 16, tok.pad_token_id, "cpu", off)
+    ref_kl, _, _ = logps_of(model, kl_seqs, 16, tok.pad_token_id, "cpu", off)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
+    model.train()
+    first_step_at = time.perf_counter()
+    first = []
+    for step in range(steps):
+        idx = [(step * BATCH + k) % n for k in range(BATCH)]
+        with torch.no_grad():
+            kl = completion_logps(model, collate([kl_seqs[i] for i in idx], tok.pad_token_id)).seq
+        z = kto_reference_point((kl - ref_kl[idx]).sum(), torch.tensor(BATCH))
+        logps = completion_logps(model, collate([seqs[i] for i in idx], tok.pad_token_id)).seq
+        loss, m = kto_loss(logps, ref[idx], split.desirable(idx), z)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step < 3:
+            first.append({"loss": loss.item(), "kl": z.item()})
+    end = time.perf_counter()
+    return {"train_s": end - first_step_at, "first_step_s": first_step_at - start, "total_s": end - start,
+            "tokens": steps * BATCH * mean_tokens(split), "first_steps": first}
+
+
+def run_trl(model_name: str, steps: int, out: Path, precompute: bool) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import KTOConfig, KTOTrainer
+    start = time.perf_counter()
+    cfg, tok, split, load = setup(model_name, steps, out)
+    rows = [{"prompt": e.prompt, "completion": [{"role": "assistant", "content": e.completion}], "label": e.desirable}
+            for e in split.examples]
+    model = load()
+    times = {}
+
+    class FirstStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            times.setdefault("first", time.perf_counter())
+
+    args = KTOConfig(output_dir=str(out), per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
+                     lr_scheduler_type="constant", warmup_steps=0, beta=0.1, logging_steps=1, report_to=[],
+                     bf16=False, fp16=False, gradient_checkpointing=False, max_length=MAX_LENGTH,
+                     precompute_ref_log_probs=precompute, save_strategy="no", disable_tqdm=True, seed=0,
+                     use_cpu=True, dataloader_num_workers=0)
+    trainer = KTOTrainer(model=model, ref_model=None if precompute else copy.deepcopy(model), args=args,
+                         train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[FirstStep()])
+    trainer.train()
+    end = time.perf_counter()
+    logs = [h for h in trainer.state.log_history if "loss" in h][:3]
+    return {"train_s": end - times["first"], "first_step_s": times["first"] - start, "total_s": end - start,
+            "tokens": steps * BATCH * mean_tokens(split),
+            "first_steps": [{k: h.get(k) for k in ("loss", "kl", "rewards/chosen", "rewards/rejected")} for h in logs]}
+
+
+RUNNERS = {"trl_default": lambda m, s, o: run_trl(m, s, o, False), "trl_precompute": lambda m, s, o: run_trl(m, s, o, True),
+           "bare": run_bare, "ours": run_ours}
+
+
+def one(config: str, model: str, steps: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        r = RUNNERS[config](model, steps, Path(tmp))
+    r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    r["tokens_per_s"] = r["tokens"] / r["train_s"]
+    print("RESULT " + json.dumps(r), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="+", default=["tiny", "smollm2_135m"])
+    p.add_argument("--configs", nargs="+", default=list(RUNNERS))
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.one:
+        return one(a.one[0], a.one[1], a.steps)
+    table = []
+    for model in a.models:
+        for config in a.configs:
+            runs = []
+            for _ in range(a.repeats):
+                out = subprocess.run([sys.executable, __file__, "--one", config, model, "--steps", str(a.steps)],
+                                     capture_output=True, text=True)
+                line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+                if not line:
+                    print(f"{model} {config} failed:\n{out.stderr[-3000:]}", flush=True)
+                    break
+                runs.append(json.loads(line[0][7:]))
+                print(model, config, runs[-1], flush=True)
+            if runs:
+                runs.sort(key=lambda r: r["tokens_per_s"])
+                table.append((model, config, runs[len(runs) // 2]))  # the median run
+    print("\n| model | config | tokens/s | time to first step s | total s | peak RSS MB | first steps loss / kl |")
+    print("|---|---|---|---|---|---|---|")
+    for model, config, r in table:
+        firsts = ", ".join(f"{f['loss']:.4f}/{(f.get('kl') or 0):.4f}" for f in r["first_steps"])
+        print(f"| {model} | {config} | {r['tokens_per_s']:.0f} | {r['first_step_s']:.1f} | {r['total_s']:.1f} | "
+              f"{r['peak_rss_mb']:.0f} | {firsts} |")
+
+
+if __name__ == "__main__":
+    main()
