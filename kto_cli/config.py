@@ -175,6 +175,8 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     precision: Precision = Precision.fp32
     gradient_checkpointing: bool = False
+    # KTO: run each example and its KL sequence as one row sharing the prompt (same numbers, less work)
+    shared_prompt: bool = True
     eval_every: int = 0  # steps; 0 evaluates only before and after training
     eval_batch_size: int = 16
     save_every: int = 0  # steps; 0 saves only the final checkpoint

@@ -90,3 +90,54 @@ def logps_of(model, sequences: list, batch_size: int, pad_id: int, device, autoc
         if progress is not None:
             progress.update(len(idx))
     return seq, tokens, lengths
+
+
+def shares_prompt_forward(model) -> bool:
+    """The shared-prompt forward needs a custom 4D mask and explicit positions: sdpa or eager attention."""
+    return supports_sparse_head(model) and getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
+def shared_prompt_batch(rows: list, pad_id: int) -> dict:
+    """Packs each example's prompt P, completion C and KL completion K into one row P + C + K, where
+    K sees P but not C (a 4D mask) and continues P's positions, so the prompt is computed once for
+    both sequences. rows: (prompt ids, completion ids, KL completion ids)."""
+    B, L = len(rows), max(len(p) + len(c) + len(k) for p, c, k in rows)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)  # (B, L)
+    position_ids = torch.zeros((B, L), dtype=torch.long)  # (B, L)
+    mask = torch.ones(L, L, dtype=torch.bool).tril().repeat(B, 1, 1, 1)  # (B, 1, L, L) True = may attend
+    targets = {"c": ([], [], []), "k": ([], [], [])}  # row, predicting position, label
+    for b, (p, c, k) in enumerate(rows):
+        n, pc = len(p) + len(c) + len(k), len(p) + len(c)
+        input_ids[b, :n] = torch.tensor(p + c + k, dtype=torch.long)
+        position_ids[b, :pc] = torch.arange(pc)
+        position_ids[b, pc:n] = torch.arange(len(p), len(p) + len(k))
+        mask[b, 0, pc:n, len(p):pc] = False  # K does not see C
+        mask[b, 0, n:, :] = False  # padding queries see only themselves, so no row is empty
+        mask[b, 0, range(n, L), range(n, L)] = True
+        for name, tokens, first in (("c", c, len(p)), ("k", k, pc)):
+            for t, label in enumerate(tokens):
+                pos = (len(p) - 1) if t == 0 else first + t - 1  # K's first token follows the prompt
+                if pos >= 0:
+                    targets[name][0].append(b)
+                    targets[name][1].append(pos)
+                    targets[name][2].append(label)
+    as_t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return {"input_ids": input_ids, "position_ids": position_ids, "mask": mask,
+            "targets": {name: tuple(as_t(x) for x in v) for name, v in targets.items()},
+            "attention_tokens": sum(len(p) + len(c) for p, c, _ in rows)}
+
+
+def shared_prompt_logps(model, packed: dict) -> tuple:
+    """(Logps of the completions, with gradient; (B,) log-probs of the KL completions, without)."""
+    device = packed["input_ids"].device
+    hidden = model.base_model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                              attention_mask=packed["mask"]).last_hidden_state  # (B, L, H)
+    head, B = model.get_output_embeddings(), packed["input_ids"].shape[0]
+    rows, cols, labels = (x.to(device) for x in packed["targets"]["c"])
+    seq = torch.zeros(B, dtype=torch.float32, device=device).index_add(0, rows, head_logps(head, hidden[rows, cols], labels))
+    lengths = torch.zeros(B, dtype=torch.long, device=device).index_add(0, rows, torch.ones_like(rows))
+    with torch.no_grad():
+        k_rows, k_cols, k_labels = (x.to(device) for x in packed["targets"]["k"])
+        kl = torch.zeros(B, dtype=torch.float32, device=device).index_add(
+            0, k_rows, head_logps(head, hidden.detach()[k_rows, k_cols], k_labels))
+    return Logps(seq=seq, lengths=lengths), kl

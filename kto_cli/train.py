@@ -24,7 +24,7 @@ from . import reference as reference_mod
 from .checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import CacheMode, KTOLossConfig, Precision, RunConfig, Schedule, UnpairMode, UserError
 from .data import Split, build_splits, collate
-from .logprobs import Logps, completion_logps
+from .logprobs import Logps, completion_logps, shared_prompt_batch, shared_prompt_logps, shares_prompt_forward
 from .losses import kto_reference_point, pair_wins
 from .models import cache_root, load_model, load_tokenizer, model_key
 from .refcache import RefCache
@@ -199,6 +199,7 @@ class Trainer:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if need.value_head:
             self.value_head = torch.nn.Linear(self.model.config.hidden_size, 1).to(self.device)
+        self.share_prompt = cfg.trainer.shared_prompt and shares_prompt_forward(self.model)
         self.steps = total_steps(cfg, len(self.units["train"]))
         self.ref = self.reference() if need.reference else None
         self.optimizer, self.scheduler = make_optimizer(self.trainable(), cfg, self.steps)
@@ -264,16 +265,29 @@ class Trainer:
             lp = completion_logps(self.model, batch, per_token=want_tokens, hidden=want_tokens and self.need.value_head)
         return lp, int(batch["attention_mask"].sum())
 
+    def shared_forward(self, name: str, idx: list):
+        """KTO: each example and its KL sequence in one row, the prompt computed once
+        (logprobs.shared_prompt_batch). (Logps, KL log-probs, tokens), or None where it does not apply."""
+        split = self.splits[name]
+        seqs, kl_seqs = [split.sequence(i) for i in idx], [split.kl_sequence(i) for i in idx]
+        if not self.share_prompt or any(s[0] != k[0] for s, k in zip(seqs, kl_seqs)):  # truncated differently
+            return None
+        packed = shared_prompt_batch([(p, c, k[1]) for (p, c), k in zip(seqs, kl_seqs)], self.pad_id)
+        packed = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in packed.items()}
+        with self.autocast():
+            lp, kl = shared_prompt_logps(self.model, packed)
+        return lp, kl, packed["attention_tokens"]
+
     def micro_step(self, name: str, units: list, source: str = "policy") -> tuple:
         """(loss, metrics, tokens, example indices, their policy log-probs) of one micro-batch."""
         need, ref = self.need, self.ref
         idx = [u[0] for u in units] + [u[1] for u in units] if need.paired else list(units)
-        z = None
+        z, shared = None, self.shared_forward(name, idx) if need.kl and source == "policy" else None
         if need.kl:  # the KTO reference point, from the examples' KL partners, without gradient
-            kl_lp, _ = self.forward(name, idx, kl=True, source=source)
-            kl_ratio = kl_lp.seq - ref.get(name, "_kl")[idx].to(self.device)  # (B,)
+            kl_logps = shared[1] if shared else self.forward(name, idx, kl=True, source=source)[0].seq  # (B,)
+            kl_ratio = kl_logps - ref.get(name, "_kl")[idx].to(self.device)  # (B,)
             z = kto_reference_point(kl_ratio.sum(), torch.tensor(len(idx), device=self.device))
-        lp, tokens = self.forward(name, idx, source=source)
+        lp, tokens = (shared[0], shared[2]) if shared else self.forward(name, idx, source=source)
         ref_logps = {}
         if need.reference:
             ref_logps["seq"] = ref.get(name)[idx].to(self.device)

@@ -4,7 +4,7 @@ import torch
 from kto_cli import logprobs
 from kto_cli.config import ModelConfig, ModelSource
 from kto_cli.data import collate
-from kto_cli.logprobs import completion_logps, logps_of
+from kto_cli.logprobs import completion_logps, logps_of, shared_prompt_batch, shared_prompt_logps
 from kto_cli.models import tiny_model
 
 
@@ -34,3 +34,16 @@ def test_sparse_head_matches_full_logits(tiny_tok, monkeypatch):
     torch.testing.assert_close(seq, full.sum(1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tokens, got.tokens.detach(), rtol=1e-5, atol=1e-5)
     assert lengths.tolist() == [2, 5, 1]
+
+
+def test_shared_prompt_row_equals_two_separate_forwards(tiny_tok):
+    """P + C + K in one row, K masked from C and continuing P's positions, gives the log-probs of
+    (P, C) and of (P, K) computed apart; C's keep their gradient, K's have none."""
+    model = tiny_model(ModelConfig(source=ModelSource.tiny, name_or_path="tiny"), len(tiny_tok), tiny_tok.pad_token_id)
+    rows = [([1, 2, 3, 4], [5, 6], [7, 8, 9]), ([7, 8], [9, 10, 11, 12, 13], [3]), ([3], [4], [5, 6])]
+    lp, kl = shared_prompt_logps(model, shared_prompt_batch(rows, tiny_tok.pad_token_id))
+    pc = completion_logps(model, collate([(p, c) for p, c, _ in rows], tiny_tok.pad_token_id))
+    pk = completion_logps(model, collate([(p, k) for p, _, k in rows], tiny_tok.pad_token_id))
+    torch.testing.assert_close(lp.seq, pc.seq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl, pk.seq.detach(), rtol=1e-5, atol=1e-5)
+    assert lp.lengths.tolist() == [2, 5, 1] and lp.seq.requires_grad and not kl.requires_grad
