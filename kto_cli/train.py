@@ -367,7 +367,7 @@ class MetricsLog:
         self.f.close()
 
     def write(self, step: int, split: str, metrics: dict) -> None:
-        record = {"step": step, **{f"{split}/{k}": v for k, v in metrics.items()}}
+        record = {"step": step, "time": time.time(), **{f"{split}/{k}": v for k, v in metrics.items()}}
         self.f.write(json.dumps(record) + "\n")
         self.f.flush()
 

@@ -12,7 +12,9 @@ Each configuration runs in its own process (peak RSS is that process's):
                   examples, forward without grad on their KL partners, the completion log-prob
                   gather (LM head on completion positions only), backward, AdamW
   ours            kto-train (reference.cache=off: its reference pass is inside time-to-first-step)
-tokens/s counts prompt + completion tokens of the policy batches over the training steps' time.
+tokens/s counts prompt + completion tokens of the policy batches over the training steps' time;
+steady tokens/s leaves out the first step (on CPU it pays the first-touch page faults of the
+optimizer state and gradients, ~6 s for SmolLM2-135M here).
 Allocator: glibc defaults in every configuration except `ours`, which tunes mallopt at start as
 kto-train always does; run with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 for equal footing.
 """
@@ -65,8 +67,10 @@ def run_ours(model_name: str, steps: int, out: Path) -> dict:
     summary = train(cfg, out)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     first = [r for r in lines if "train/loss" in r][:3]
+    ends = [r["time"] for r in lines if "train/loss" in r]  # wall clock as each step was logged
     return {"train_s": summary["train_seconds"], "first_step_s": summary["wall_seconds"] - summary["train_seconds"],
             "total_s": time.perf_counter() - start, "tokens": steps * BATCH * mean_tokens(split),
+            "steady_s": ends[-1] - ends[0],
             "first_steps": [{k: r.get(f"train/{k}") for k in ("loss", "kl", "rewards/chosen", "rewards/rejected")}
                             for r in first]}
 
@@ -88,7 +92,7 @@ def run_bare(model_name: str, steps: int, out: Path) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
     model.train()
     first_step_at = time.perf_counter()
-    first = []
+    first, ends = [], []
     for step in range(steps):
         idx = [(step * BATCH + k) % n for k in range(BATCH)]
         with torch.no_grad():
@@ -102,9 +106,10 @@ def run_bare(model_name: str, steps: int, out: Path) -> dict:
         opt.zero_grad(set_to_none=True)
         if step < 3:
             first.append({"loss": loss.item(), "kl": z.item()})
+        ends.append(time.perf_counter())
     end = time.perf_counter()
     return {"train_s": end - first_step_at, "first_step_s": first_step_at - start, "total_s": end - start,
-            "tokens": steps * BATCH * mean_tokens(split), "first_steps": first}
+            "tokens": steps * BATCH * mean_tokens(split), "steady_s": ends[-1] - ends[0], "first_steps": first}
 
 
 def run_trl(model_name: str, steps: int, out: Path, precompute: bool) -> dict:
@@ -122,6 +127,9 @@ def run_trl(model_name: str, steps: int, out: Path, precompute: bool) -> dict:
         def on_step_begin(self, args, state, control, **kw):
             times.setdefault("first", time.perf_counter())
 
+        def on_step_end(self, args, state, control, **kw):
+            times.setdefault("ends", []).append(time.perf_counter())
+
     args = KTOConfig(output_dir=str(out), per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
                      lr_scheduler_type="constant", warmup_steps=0, beta=0.1, logging_steps=1, report_to=[],
                      bf16=False, fp16=False, gradient_checkpointing=False, max_length=MAX_LENGTH,
@@ -133,7 +141,7 @@ def run_trl(model_name: str, steps: int, out: Path, precompute: bool) -> dict:
     end = time.perf_counter()
     logs = [h for h in trainer.state.log_history if "loss" in h][:3]
     return {"train_s": end - times["first"], "first_step_s": times["first"] - start, "total_s": end - start,
-            "tokens": steps * BATCH * mean_tokens(split),
+            "tokens": steps * BATCH * mean_tokens(split), "steady_s": times["ends"][-1] - times["ends"][0],
             "first_steps": [{k: h.get(k) for k in ("loss", "kl", "rewards/chosen", "rewards/rejected")} for h in logs]}
 
 
@@ -146,6 +154,7 @@ def one(config: str, model: str, steps: int) -> None:
         r = RUNNERS[config](model, steps, Path(tmp))
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     r["tokens_per_s"] = r["tokens"] / r["train_s"]
+    r["steady_tokens_per_s"] = r["tokens"] * (steps - 1) / steps / r["steady_s"]
     print("RESULT " + json.dumps(r), flush=True)
 
 
@@ -175,11 +184,11 @@ def main() -> None:
             if runs:
                 runs.sort(key=lambda r: r["tokens_per_s"])
                 table.append((model, config, runs[len(runs) // 2]))  # the median run
-    print("\n| model | config | tokens/s | time to first step s | total s | peak RSS MB | first steps loss / kl |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| model | config | tokens/s | steady tokens/s | time to first step s | total s | peak RSS MB | first steps loss / kl |")
+    print("|---|---|---|---|---|---|---|---|")
     for model, config, r in table:
         firsts = ", ".join(f"{f['loss']:.4f}/{(f.get('kl') or 0):.4f}" for f in r["first_steps"])
-        print(f"| {model} | {config} | {r['tokens_per_s']:.0f} | {r['first_step_s']:.1f} | {r['total_s']:.1f} | "
+        print(f"| {model} | {config} | {r['tokens_per_s']:.0f} | {r['steady_tokens_per_s']:.0f} | {r['first_step_s']:.1f} | {r['total_s']:.1f} | "
               f"{r['peak_rss_mb']:.0f} | {firsts} |")
 
 
