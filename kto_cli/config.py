@@ -177,6 +177,8 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     # KTO: run each example and its KL sequence as one row sharing the prompt (same numbers, less work)
     shared_prompt: bool = True
+    # Batch units of similar length together (less padding); the order stays seeded and resumable.
+    group_by_length: bool = False
     eval_every: int = 0  # steps; 0 evaluates only before and after training
     eval_batch_size: int = 16
     save_every: int = 0  # steps; 0 saves only the final checkpoint

@@ -95,28 +95,45 @@ def make_optimizer(params: list, cfg: RunConfig, steps: int) -> tuple:
     return opt, sched
 
 
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list:
-    """The examples of an optimizer step: a stream of per-epoch shuffles that depends only on the
-    seed, so a resumed run sees the same batches."""
+def batch_indices(step: int, n: int, batch_size: int, seed: int, order=None) -> list:
+    """The units of an optimizer step: a stream of per-epoch orders (order(n, seed, epoch), a seeded
+    shuffle by default) that depends only on the seed, so a resumed run sees the same batches."""
+    order = order or epoch_permutation
     out = []
     for pos in range(step * batch_size, (step + 1) * batch_size):
         epoch, k = divmod(pos, n)
-        perm = _epoch_permutation(n, seed, epoch)
-        out.append(perm[k])
+        out.append(order(n, seed, epoch)[k])
     return out
 
 
-def visited_indices(steps: int, n: int, batch_size: int, seed: int) -> list:
-    """Every example some step of the run will use, sorted."""
+def visited_indices(steps: int, n: int, batch_size: int, seed: int, order=None) -> list:
+    """Every unit some step of the run will use, sorted."""
     if steps * batch_size >= n:
         return list(range(n))
-    return sorted(set(_epoch_permutation(n, seed, 0)[: steps * batch_size]))
+    return sorted(set((order or epoch_permutation)(n, seed, 0)[: steps * batch_size]))
 
 
 @functools.lru_cache(maxsize=4)
-def _epoch_permutation(n: int, seed: int, epoch: int) -> list:
+def epoch_permutation(n: int, seed: int, epoch: int) -> list:
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+def length_grouped(lengths: list, batch_size: int, span: int = 64):
+    """An epoch order in which each batch holds units of similar length (less padding): the seeded
+    shuffle is cut into blocks of span batches, each block sorted by length and cut into batches,
+    and the batches shuffled again, so long batches do not all come last."""
+    @functools.lru_cache(maxsize=4)
+    def order(n: int, seed: int, epoch: int) -> list:
+        perm = epoch_permutation(n, seed, epoch)
+        block = batch_size * span
+        batches = []
+        for start in range(0, n, block):
+            chunk = sorted(perm[start:start + block], key=lambda i: lengths[i])
+            batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
+        return [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
+    return order
 
 
 def open_cache(cfg: RunConfig, tokenizer) -> Optional[RefCache]:
@@ -200,6 +217,8 @@ class Trainer:
         if need.value_head:
             self.value_head = torch.nn.Linear(self.model.config.hidden_size, 1).to(self.device)
         self.share_prompt = cfg.trainer.shared_prompt and shares_prompt_forward(self.model)
+        self.order = length_grouped(self.unit_lengths("train"), cfg.trainer.micro_batch_size) \
+            if cfg.trainer.group_by_length else None
         self.steps = total_steps(cfg, len(self.units["train"]))
         self.ref = self.reference() if need.reference else None
         self.optimizer, self.scheduler = make_optimizer(self.trainable(), cfg, self.steps)
@@ -223,12 +242,18 @@ class Trainer:
         heads = list(self.value_head.parameters()) if self.value_head is not None else []
         return [p for p in self.model.parameters() if p.requires_grad] + heads
 
+    def unit_lengths(self, name: str) -> list:
+        """Tokens of each unit (the longer side of a pair)."""
+        split = self.splits[name]
+        size = lambda i: sum(map(len, split.sequence(i)))  # noqa: E731
+        return [max(size(u[0]), size(u[1])) if self.need.paired else size(u) for u in self.units[name]]
+
     def used_examples(self, name: str) -> list:
         """Example indices that training (all of eval) will use: the reference pass computes only these."""
         if name == "eval":
             return list(range(len(self.splits["eval"])))
         t, units = self.cfg.trainer, self.units["train"]
-        positions = visited_indices(self.steps, len(units), t.batch_size, t.seed)
+        positions = visited_indices(self.steps, len(units), t.batch_size, t.seed, self.order)
         return sorted({i for p in positions for i in (units[p] if self.need.paired else (units[p],))})
 
     def reference(self) -> reference_mod.ReferenceLogps:
@@ -301,7 +326,7 @@ class Trainer:
     def optimizer_step(self, step: int) -> dict:
         t, units = self.cfg.trainer, self.units["train"]
         self.model.train()
-        batch = [units[p] for p in batch_indices(step, len(units), t.batch_size, t.seed)]
+        batch = [units[p] for p in batch_indices(step, len(units), t.batch_size, t.seed, self.order)]
         accum = t.batch_size // t.micro_batch_size
         sums, tokens, start = MetricSums(), 0, time.perf_counter()
         for k in range(accum):

@@ -65,3 +65,21 @@ def test_imbalanced_data_warns_and_auto_weight_fixes_it(tmp_path, caplog):
     caplog.clear()
     train(make_config(*imbalanced, "loss.auto_desirable_weight=true"), tmp_path / "b")
     assert "lambda_D = 4.0000" in caplog.text and "outside" not in caplog.text
+
+
+def test_length_grouped_order_is_a_seeded_permutation_with_less_padding():
+    from kto_cli.train import batch_indices, epoch_permutation, length_grouped
+    lengths = [(i * 37) % 101 + 1 for i in range(240)]
+    order = length_grouped(lengths, batch_size=4, span=8)
+    assert sorted(order(240, 0, 0)) == list(range(240)) and order(240, 0, 0) == order(240, 0, 0)
+    assert order(240, 0, 1) != order(240, 0, 0)
+
+    def padding(fn):
+        batches = [batch_indices(s, 240, 4, 0, fn) for s in range(60)]
+        return sum(max(lengths[i] for i in b) * 4 - sum(lengths[i] for i in b) for b in batches)
+    assert padding(order) < padding(epoch_permutation) / 4
+
+
+def test_group_by_length_run(tmp_path):
+    summary = train(make_config(*TINY, "trainer.max_steps=4", "trainer.group_by_length=true"), tmp_path)
+    assert summary["steps"] == 4 and (tmp_path / "final" / "config.json").is_file()
