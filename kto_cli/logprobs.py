@@ -4,6 +4,7 @@ KTO and DPO need log pi(y_t | x, y_<t) only where y_t is a completion token, so 
 vocabulary-sized matmul and log-softmax) runs only at the positions that predict one, in chunks:
 no float32 log-softmax over the vocabulary is materialised for the whole batch.
 """
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -98,46 +99,53 @@ def shares_prompt_forward(model) -> bool:
 
 
 def shared_prompt_batch(rows: list, pad_id: int) -> dict:
-    """Packs each example's prompt P, completion C and KL completion K into one row P + C + K, where
-    K sees P but not C (a 4D mask) and continues P's positions, so the prompt is computed once for
-    both sequences. rows: (prompt ids, completion ids, KL completion ids)."""
-    B, L = len(rows), max(len(p) + len(c) + len(k) for p, c, k in rows)
+    """Packs each prompt P with its completions C_1..C_m into one row P + C_1 + ... + C_m, where
+    every C_j sees P and itself but no other completion (a 4D mask) and continues P's positions, so
+    the prompt is computed once for all of them: KTO's example and KL sequence, or a preference
+    pair's chosen and rejected completions. rows: (prompt ids, [completion ids, ...])."""
+    B, L = len(rows), max(len(p) + sum(map(len, cs)) for p, cs in rows)
+    slots = max(len(cs) for _, cs in rows)
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)  # (B, L)
     position_ids = torch.zeros((B, L), dtype=torch.long)  # (B, L)
     mask = torch.ones(L, L, dtype=torch.bool).tril().repeat(B, 1, 1, 1)  # (B, 1, L, L) True = may attend
-    targets = {"c": ([], [], []), "k": ([], [], [])}  # row, predicting position, label
-    for b, (p, c, k) in enumerate(rows):
-        n, pc = len(p) + len(c) + len(k), len(p) + len(c)
-        input_ids[b, :n] = torch.tensor(p + c + k, dtype=torch.long)
-        position_ids[b, :pc] = torch.arange(pc)
-        position_ids[b, pc:n] = torch.arange(len(p), len(p) + len(k))
-        mask[b, 0, pc:n, len(p):pc] = False  # K does not see C
-        mask[b, 0, n:, :] = False  # padding queries see only themselves, so no row is empty
-        mask[b, 0, range(n, L), range(n, L)] = True
-        for name, tokens, first in (("c", c, len(p)), ("k", k, pc)):
-            for t, label in enumerate(tokens):
-                pos = (len(p) - 1) if t == 0 else first + t - 1  # K's first token follows the prompt
+    targets = [([], [], []) for _ in range(slots)]  # per slot: row, predicting position, label
+    for b, (p, cs) in enumerate(rows):
+        input_ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+        position_ids[b, : len(p)] = torch.arange(len(p))
+        start = len(p)
+        for j, c in enumerate(cs):
+            end = start + len(c)
+            input_ids[b, start:end] = torch.tensor(c, dtype=torch.long)
+            position_ids[b, start:end] = torch.arange(len(p), len(p) + len(c))
+            mask[b, 0, start:end, len(p):start] = False  # C_j does not see earlier completions
+            for t, label in enumerate(c):
+                pos = len(p) - 1 if t == 0 else start + t - 1  # each completion's first token follows P
                 if pos >= 0:
-                    targets[name][0].append(b)
-                    targets[name][1].append(pos)
-                    targets[name][2].append(label)
+                    for target, value in zip(targets[j], (b, pos, label)):
+                        target.append(value)
+            start = end
+        mask[b, 0, start:, :] = False  # padding queries see only themselves, so no row is empty
+        mask[b, 0, range(start, L), range(start, L)] = True
     as_t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return {"input_ids": input_ids, "position_ids": position_ids, "mask": mask,
-            "targets": {name: tuple(as_t(x) for x in v) for name, v in targets.items()},
-            "attention_tokens": sum(len(p) + len(c) for p, c, _ in rows)}
+            "targets": [tuple(as_t(x) for x in t) for t in targets],
+            "slot_tokens": [sum(len(p) + len(cs[j]) for p, cs in rows if j < len(cs)) for j in range(slots)]}
 
 
-def shared_prompt_logps(model, packed: dict) -> tuple:
-    """(Logps of the completions, with gradient; (B,) log-probs of the KL completions, without)."""
+def shared_prompt_logps(model, packed: dict, grad_slots: tuple = (0,)) -> list:
+    """Per completion slot, (B,) summed log-probs and (B,) scored lengths; slots not in grad_slots
+    carry no gradient."""
     device = packed["input_ids"].device
     hidden = model.base_model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
                               attention_mask=packed["mask"]).last_hidden_state  # (B, L, H)
     head, B = model.get_output_embeddings(), packed["input_ids"].shape[0]
-    rows, cols, labels = (x.to(device) for x in packed["targets"]["c"])
-    seq = torch.zeros(B, dtype=torch.float32, device=device).index_add(0, rows, head_logps(head, hidden[rows, cols], labels))
-    lengths = torch.zeros(B, dtype=torch.long, device=device).index_add(0, rows, torch.ones_like(rows))
-    with torch.no_grad():
-        k_rows, k_cols, k_labels = (x.to(device) for x in packed["targets"]["k"])
-        kl = torch.zeros(B, dtype=torch.float32, device=device).index_add(
-            0, k_rows, head_logps(head, hidden.detach()[k_rows, k_cols], k_labels))
-    return Logps(seq=seq, lengths=lengths), kl
+    out = []
+    for j, target in enumerate(packed["targets"]):
+        rows, cols, labels = (x.to(device) for x in target)
+        h = hidden if j in grad_slots else hidden.detach()
+        with contextlib.nullcontext() if j in grad_slots else torch.no_grad():
+            logps = head_logps(head, h[rows, cols], labels)  # (N_j,)
+            seq = torch.zeros(B, dtype=torch.float32, device=device).index_add(0, rows, logps)  # (B,)
+        lengths = torch.zeros(B, dtype=torch.long, device=device).index_add(0, rows, torch.ones_like(rows))
+        out.append(Logps(seq=seq, lengths=lengths))
+    return out

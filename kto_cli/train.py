@@ -290,24 +290,34 @@ class Trainer:
             lp = completion_logps(self.model, batch, per_token=want_tokens, hidden=want_tokens and self.need.value_head)
         return lp, int(batch["attention_mask"].sum())
 
-    def shared_forward(self, name: str, idx: list):
-        """KTO: each example and its KL sequence in one row, the prompt computed once
-        (logprobs.shared_prompt_batch). (Logps, KL log-probs, tokens), or None where it does not apply."""
-        split = self.splits[name]
-        seqs, kl_seqs = [split.sequence(i) for i in idx], [split.kl_sequence(i) for i in idx]
-        if not self.share_prompt or any(s[0] != k[0] for s, k in zip(seqs, kl_seqs)):  # truncated differently
+    def shared_forward(self, name: str, idx: list) -> Optional[tuple]:
+        """One row per prompt with its completions, the prompt computed once
+        (logprobs.shared_prompt_batch): KTO's example + KL sequence (the KL one without gradient),
+        or a pair's chosen + rejected. Returns (Logps of idx in order, KL log-probs or None, tokens),
+        or None where it does not apply (the sequences keep different prompts after truncation)."""
+        split, paired = self.splits[name], self.need.paired
+        if paired:
+            P = len(idx) // 2
+            groups = [(split.sequence(c), split.sequence(r)) for c, r in zip(idx[:P], idx[P:])]
+        else:
+            groups = [(split.sequence(i), split.kl_sequence(i)) for i in idx]
+        if any(a[0] != b[0] for a, b in groups):
             return None
-        packed = shared_prompt_batch([(p, c, k[1]) for (p, c), k in zip(seqs, kl_seqs)], self.pad_id)
+        packed = shared_prompt_batch([(a[0], [a[1], b[1]]) for a, b in groups], self.pad_id)
         packed = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in packed.items()}
         with self.autocast():
-            lp, kl = shared_prompt_logps(self.model, packed)
-        return lp, kl, packed["attention_tokens"]
+            first, second = shared_prompt_logps(self.model, packed, grad_slots=(0, 1) if paired else (0,))
+        tokens = sum(packed["slot_tokens"]) if paired else packed["slot_tokens"][0]  # as two separate batches
+        if paired:
+            return Logps(seq=torch.cat([first.seq, second.seq]), lengths=torch.cat([first.lengths, second.lengths])), None, tokens
+        return first, second.seq, tokens
 
     def micro_step(self, name: str, units: list, source: str = "policy") -> tuple:
         """(loss, metrics, tokens, example indices, their policy log-probs) of one micro-batch."""
         need, ref = self.need, self.ref
         idx = [u[0] for u in units] + [u[1] for u in units] if need.paired else list(units)
-        z, shared = None, self.shared_forward(name, idx) if need.kl and source == "policy" else None
+        sharable = self.share_prompt and source == "policy" and (need.kl or need.paired) and not need.per_token
+        z, shared = None, self.shared_forward(name, idx) if sharable else None
         if need.kl:  # the KTO reference point, from the examples' KL partners, without gradient
             kl_logps = shared[1] if shared else self.forward(name, idx, kl=True, source=source)[0].seq  # (B,)
             kl_ratio = kl_logps - ref.get(name, "_kl")[idx].to(self.device)  # (B,)

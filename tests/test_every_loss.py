@@ -87,3 +87,15 @@ def test_paired_data_feeds_every_kind_of_loss(tmp_path):
         seen[loss] = units(tr.load_data()["train"], tr.need)
     assert len(seen["dpo"]) == 12 and all(isinstance(u, tuple) for u in seen["dpo"])
     assert len(seen["kto"]) == 24 and len(seen["sft"]) == 12
+
+
+@pytest.mark.parametrize("loss", ["kto", "dpo"])
+def test_shared_prompt_rows_change_no_number(tmp_path, loss):
+    """kto (example + KL sequence) and dpo (chosen + rejected) share each prompt's computation by
+    default; the losses equal those of separate forward passes."""
+    runs = {}
+    for shared in ("true", "false"):
+        train(make_config(*TINY, f"loss={loss}", "trainer.lr=1e-3", f"trainer.shared_prompt={shared}"), tmp_path / shared)
+        lines = [json.loads(x) for x in (tmp_path / shared / "metrics.jsonl").read_text().splitlines()]
+        runs[shared] = [r["train/loss"] for r in lines if "train/loss" in r]
+    assert runs["true"] == pytest.approx(runs["false"], abs=1e-5)

@@ -36,14 +36,19 @@ def test_sparse_head_matches_full_logits(tiny_tok, monkeypatch):
     assert lengths.tolist() == [2, 5, 1]
 
 
-def test_shared_prompt_row_equals_two_separate_forwards(tiny_tok):
+def test_shared_prompt_row_equals_separate_forwards(tiny_tok):
     """P + C + K in one row, K masked from C and continuing P's positions, gives the log-probs of
-    (P, C) and of (P, K) computed apart; C's keep their gradient, K's have none."""
+    (P, C) and of (P, K) computed apart; a slot outside grad_slots has no gradient."""
     model = tiny_model(ModelConfig(source=ModelSource.tiny, name_or_path="tiny"), len(tiny_tok), tiny_tok.pad_token_id)
     rows = [([1, 2, 3, 4], [5, 6], [7, 8, 9]), ([7, 8], [9, 10, 11, 12, 13], [3]), ([3], [4], [5, 6])]
-    lp, kl = shared_prompt_logps(model, shared_prompt_batch(rows, tiny_tok.pad_token_id))
+    packed = shared_prompt_batch([(p, [c, k]) for p, c, k in rows], tiny_tok.pad_token_id)
+    first, second = shared_prompt_logps(model, packed, grad_slots=(0,))
     pc = completion_logps(model, collate([(p, c) for p, c, _ in rows], tiny_tok.pad_token_id))
     pk = completion_logps(model, collate([(p, k) for p, _, k in rows], tiny_tok.pad_token_id))
-    torch.testing.assert_close(lp.seq, pc.seq, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(kl, pk.seq.detach(), rtol=1e-5, atol=1e-5)
-    assert lp.lengths.tolist() == [2, 5, 1] and lp.seq.requires_grad and not kl.requires_grad
+    torch.testing.assert_close(first.seq, pc.seq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second.seq, pk.seq.detach(), rtol=1e-5, atol=1e-5)
+    assert first.lengths.tolist() == [2, 5, 1] and second.lengths.tolist() == [3, 1, 2]
+    assert first.seq.requires_grad and not second.seq.requires_grad
+    both = shared_prompt_logps(model, packed, grad_slots=(0, 1))
+    assert all(lp.seq.requires_grad for lp in both)
+    assert packed["slot_tokens"] == [6 + 7 + 2, 7 + 3 + 3]
