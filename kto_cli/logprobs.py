@@ -75,6 +75,8 @@ def logps_of(model, sequences: list, batch_size: int, pad_id: int, device, autoc
     lengths (N,) of the scored completion tokens)."""
     from .data import collate
 
+    if not per_token and shares_prompt_forward(model):
+        return _logps_by_prompt(model, sequences, batch_size, pad_id, device, autocast, progress)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
     seq = torch.empty(len(sequences), dtype=torch.float32)
     lengths = torch.zeros(len(sequences), dtype=torch.long)
@@ -91,6 +93,37 @@ def logps_of(model, sequences: list, batch_size: int, pad_id: int, device, autoc
         if progress is not None:
             progress.update(len(idx))
     return seq, tokens, lengths
+
+
+MAX_SHARED = 8  # completions packed behind one prompt in a row
+
+
+@torch.no_grad()
+def _logps_by_prompt(model, sequences: list, batch_size: int, pad_id: int, device, autocast, progress) -> tuple:
+    """logps_of for sequences that share prompts (an example, its pair sibling and their KL
+    sequences all start with the same prompt): each row holds a prompt and up to MAX_SHARED of its
+    completions (shared_prompt_batch), so the prompt is computed once for all of them."""
+    by_prompt = {}
+    for i, (p, _) in enumerate(sequences):
+        by_prompt.setdefault(tuple(p), []).append(i)
+    groups = [(list(p), idx[k:k + MAX_SHARED]) for p, idx in by_prompt.items() for k in range(0, len(idx), MAX_SHARED)]
+    groups.sort(key=lambda g: len(g[0]) + sum(len(sequences[i][1]) for i in g[1]))
+    seq = torch.empty(len(sequences), dtype=torch.float32)
+    lengths = torch.zeros(len(sequences), dtype=torch.long)
+    rows_per_batch = max(1, batch_size // 2)
+    for start in range(0, len(groups), rows_per_batch):
+        chunk = groups[start:start + rows_per_batch]
+        packed = shared_prompt_batch([(p, [sequences[i][1] for i in idx]) for p, idx in chunk], pad_id)
+        packed = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in packed.items()}
+        with autocast():
+            slots = shared_prompt_logps(model, packed, grad_slots=())
+        for b, (_, idx) in enumerate(chunk):
+            for j, i in enumerate(idx):
+                seq[i] = slots[j].seq[b].float().cpu()
+                lengths[i] = slots[j].lengths[b].cpu()
+        if progress is not None:
+            progress.update(sum(len(idx) for _, idx in chunk))
+    return seq, None, lengths
 
 
 def shares_prompt_forward(model) -> bool:

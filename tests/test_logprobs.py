@@ -52,3 +52,16 @@ def test_shared_prompt_row_equals_separate_forwards(tiny_tok):
     both = shared_prompt_logps(model, packed, grad_slots=(0, 1))
     assert all(lp.seq.requires_grad for lp in both)
     assert packed["slot_tokens"] == [6 + 7 + 2, 7 + 3 + 3]
+
+
+def test_logps_of_groups_sequences_by_prompt(tiny_tok, monkeypatch):
+    """Sequences that share a prompt are computed in one row per prompt (at most MAX_SHARED
+    completions each); the values equal one forward per sequence, in the order given."""
+    model = tiny_model(ModelConfig(source=ModelSource.tiny, name_or_path="tiny"), len(tiny_tok), tiny_tok.pad_token_id)
+    monkeypatch.setattr(logprobs, "MAX_SHARED", 2)
+    seqs = [([1, 2, 3], [4]), ([5, 6], [7, 8]), ([1, 2, 3], [9, 9, 9]), ([1, 2, 3], [4, 5]), ([5, 6], [1])]
+    off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    seq, tokens, lengths = logps_of(model, seqs, batch_size=2, pad_id=tiny_tok.pad_token_id, device="cpu", autocast=off)
+    one_by_one = torch.stack([completion_logps(model, collate([s], tiny_tok.pad_token_id)).seq[0] for s in seqs])
+    torch.testing.assert_close(seq, one_by_one.detach(), rtol=1e-5, atol=1e-5)
+    assert tokens is None and lengths.tolist() == [1, 2, 3, 2, 1]
