@@ -386,9 +386,16 @@ class Trainer:
 class MetricsLog:
     """metrics.jsonl in the run dir, one JSON object per logged step, flushed as written."""
 
-    def __init__(self, path: Path, append: bool):
+    def __init__(self, path: Path, resume_step: int = 0):
+        """resume_step > 0 keeps the records up to that step (a crashed run may have logged past its
+        last checkpoint; those steps are about to be run again)."""
         self.path = path
-        self.f = open(path, "a" if append else "w", encoding="utf-8")
+        kept = []
+        if resume_step and path.is_file():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if json.loads(line)["step"] <= resume_step]
+        self.f = open(path, "w", encoding="utf-8")
+        self.f.writelines(line + "\n" for line in kept)
 
     def first(self, split: str) -> dict:
         """The first logged record of a split, without its prefix ({} if none)."""
@@ -415,7 +422,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     tr = Trainer(cfg, run_dir)
     tr.setup()
     start_step = resume(tr, run_dir)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", append=start_step > 0)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step)
     has_eval = "eval" in tr.splits
     if start_step > 0:  # the policy is no longer the initial one: take "before" from the log
         before = metrics_log.first("eval")

@@ -50,6 +50,11 @@ def test_same_seed_same_losses_and_resume_continues_them(tmp_path):
     full = {r["step"]: r["train/loss"] for r in records(a, "train")}
     resumed = {r["step"]: r["train/loss"] for r in records(b, "train")}
     assert sorted(resumed) == [4, 5, 6]
+    # resuming a again from its step-3 checkpoint drops the logged steps 4-6 before running them again
+    shutil.rmtree(a / "checkpoints" / "step_0000006")
+    train(make_config(*TINY, "trainer.max_steps=6", "trainer.save_every=3", "trainer.batch_size=4",
+                      "trainer.micro_batch_size=2", "trainer.resume=auto"), a)
+    assert [r["step"] for r in records(a, "train")] == [1, 2, 3, 4, 5, 6]
     for step, loss in resumed.items():
         assert loss == pytest.approx(full[step], abs=1e-6)
     wa = AutoModelForCausalLM.from_pretrained(a / "final").state_dict()
