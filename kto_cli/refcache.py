@@ -23,6 +23,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 log = logging.getLogger("kto_cli")
@@ -88,7 +89,6 @@ class RefCache:
     def _read(self, shard: Path) -> None:
         try:
             arrays = load_file(str(shard))
-            from safetensors import safe_open
             with safe_open(str(shard), "np") as f:
                 checksum = (f.metadata() or {}).get("checksum")
             if checksum != _tensor_checksum(arrays):
