@@ -52,7 +52,8 @@ class TinyModelConfig:
 class ModelConfig:
     source: ModelSource = ModelSource.hf
     # hf: hub id or folder; gguf: folder holding the file, or "package:NAME" for a Python package
-    # that ships it; tiny: unused.
+    # that ships it; tiny: "tiny" for the byte-level tokenizer, else where to take the tokenizer from
+    # (a folder, hub id or GGUF as for the other sources), e.g. a real vocabulary for benchmarks.
     name_or_path: str = MISSING
     gguf_file: Optional[str] = None
     revision: Optional[str] = None
@@ -179,6 +180,10 @@ class TrainerConfig:
     shared_prompt: bool = True
     # Batch units of similar length together (less padding); the order stays seeded and resumable.
     group_by_length: bool = False
+    # Padding-free batches: several sequences share a row, each attending only to itself, with its
+    # own positions; rows hold at most pack_length tokens (null: the micro-batch's longest sequence).
+    packing: bool = False
+    pack_length: Optional[int] = None
     eval_every: int = 0  # steps; 0 evaluates only before and after training
     eval_batch_size: int = 16
     save_every: int = 0  # steps; 0 saves only the final checkpoint

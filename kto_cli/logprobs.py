@@ -75,7 +75,7 @@ def logps_of(model, sequences: list, batch_size: int, pad_id: int, device, autoc
     lengths (N,) of the scored completion tokens)."""
     from .data import collate
 
-    if not per_token and shares_prompt_forward(model):
+    if not per_token and packs(model):
         return _logps_by_prompt(model, sequences, batch_size, pad_id, device, autocast, progress)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
     seq = torch.empty(len(sequences), dtype=torch.float32)
@@ -102,7 +102,7 @@ MAX_SHARED = 8  # completions packed behind one prompt in a row
 def _logps_by_prompt(model, sequences: list, batch_size: int, pad_id: int, device, autocast, progress) -> tuple:
     """logps_of for sequences that share prompts (an example, its pair sibling and their KL
     sequences all start with the same prompt): each row holds a prompt and up to MAX_SHARED of its
-    completions (shared_prompt_batch), so the prompt is computed once for all of them."""
+    completions (packed_batch), so the prompt is computed once for all of them."""
     by_prompt = {}
     for i, (p, _) in enumerate(sequences):
         by_prompt.setdefault(tuple(p), []).append(i)
@@ -113,10 +113,9 @@ def _logps_by_prompt(model, sequences: list, batch_size: int, pad_id: int, devic
     rows_per_batch = max(1, batch_size // 2)
     for start in range(0, len(groups), rows_per_batch):
         chunk = groups[start:start + rows_per_batch]
-        packed = shared_prompt_batch([(p, [sequences[i][1] for i in idx]) for p, idx in chunk], pad_id)
-        packed = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in packed.items()}
+        packed = to_device(packed_batch([(p, [sequences[i][1] for i in idx]) for p, idx in chunk], pad_id), device)
         with autocast():
-            slots = shared_prompt_logps(model, packed, grad_slots=())
+            slots = packed_logps(model, packed, grad_slots=())
         for b, (_, idx) in enumerate(chunk):
             for j, i in enumerate(idx):
                 seq[i] = slots[j].seq[b].float().cpu()
@@ -126,59 +125,88 @@ def _logps_by_prompt(model, sequences: list, batch_size: int, pad_id: int, devic
     return seq, None, lengths
 
 
-def shares_prompt_forward(model) -> bool:
-    """The shared-prompt forward needs a custom 4D mask and explicit positions: sdpa or eager attention."""
+def to_device(packed: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in packed.items()}
+
+
+def packs(model) -> bool:
+    """Packed rows need a custom 4D mask and explicit positions: sdpa or eager attention."""
     return supports_sparse_head(model) and getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager")
 
 
-def shared_prompt_batch(rows: list, pad_id: int) -> dict:
-    """Packs each prompt P with its completions C_1..C_m into one row P + C_1 + ... + C_m, where
-    every C_j sees P and itself but no other completion (a 4D mask) and continues P's positions, so
-    the prompt is computed once for all of them: KTO's example and KL sequence, or a preference
-    pair's chosen and rejected completions. rows: (prompt ids, [completion ids, ...])."""
-    B, L = len(rows), max(len(p) + sum(map(len, cs)) for p, cs in rows)
-    slots = max(len(cs) for _, cs in rows)
+def pack_rows(sizes: list, capacity: Optional[int]) -> list:
+    """Group indices of each row: one group per row when capacity is None, else first-fit
+    decreasing into rows of at most max(capacity, the largest group) tokens."""
+    if capacity is None:
+        return [[g] for g in range(len(sizes))]
+    cap = max([capacity, *sizes])
+    rows, room = [], []
+    for g in sorted(range(len(sizes)), key=lambda g: -sizes[g]):
+        r = next((r for r, free in enumerate(room) if sizes[g] <= free), None)
+        if r is None:
+            rows.append([]), room.append(cap)
+            r = len(rows) - 1
+        rows[r].append(g)
+        room[r] -= sizes[g]
+    return rows
+
+
+def packed_batch(groups: list, pad_id: int, capacity: Optional[int] = None) -> dict:
+    """Lays out groups (prompt ids, [completion ids, ...]) as P + C_1 + ... + C_m, where every C_j
+    sees P and itself but no other completion and continues P's positions: the prompt is computed
+    once for all its completions (KTO's example and KL sequence, a pair's chosen and rejected).
+    With a capacity, several groups share a row, each seeing only itself (padding-free batches,
+    pack_rows). The attention mask is 4D, (B, 1, L, L), True where a query may attend."""
+    sizes = [len(p) + sum(map(len, cs)) for p, cs in groups]
+    layout = pack_rows(sizes, capacity)
+    B, L = len(layout), max(sum(sizes[g] for g in row) for row in layout)
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)  # (B, L)
     position_ids = torch.zeros((B, L), dtype=torch.long)  # (B, L)
-    mask = torch.ones(L, L, dtype=torch.bool).tril().repeat(B, 1, 1, 1)  # (B, 1, L, L) True = may attend
-    targets = [([], [], []) for _ in range(slots)]  # per slot: row, predicting position, label
-    for b, (p, cs) in enumerate(rows):
-        input_ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
-        position_ids[b, : len(p)] = torch.arange(len(p))
-        start = len(p)
-        for j, c in enumerate(cs):
-            end = start + len(c)
-            input_ids[b, start:end] = torch.tensor(c, dtype=torch.long)
-            position_ids[b, start:end] = torch.arange(len(p), len(p) + len(c))
-            mask[b, 0, start:end, len(p):start] = False  # C_j does not see earlier completions
-            for t, label in enumerate(c):
-                pos = len(p) - 1 if t == 0 else start + t - 1  # each completion's first token follows P
-                if pos >= 0:
-                    for target, value in zip(targets[j], (b, pos, label)):
-                        target.append(value)
-            start = end
-        mask[b, 0, start:, :] = False  # padding queries see only themselves, so no row is empty
-        mask[b, 0, range(start, L), range(start, L)] = True
+    segment = torch.full((B, L), -1, dtype=torch.long)  # (B, L) group within its row, -1 on padding
+    branch = torch.zeros((B, L), dtype=torch.long)  # (B, L) 0 on prompts, j + 1 on completion j
+    targets = [([], [], [], []) for _ in range(max(len(cs) for _, cs in groups))]  # group, row, position, label
+    for b, row in enumerate(layout):
+        at = 0
+        for s, g in enumerate(row):
+            p, cs = groups[g]
+            input_ids[b, at:at + sizes[g]] = torch.tensor(p + [t for c in cs for t in c], dtype=torch.long)
+            segment[b, at:at + sizes[g]] = s
+            position_ids[b, at:at + len(p)] = torch.arange(len(p))
+            start = at + len(p)
+            for j, c in enumerate(cs):
+                position_ids[b, start:start + len(c)] = torch.arange(len(p), len(p) + len(c))
+                branch[b, start:start + len(c)] = j + 1
+                # token t of C_j is predicted at start + t - 1, its first token at P's last position
+                scored = [(at + len(p) - 1, c[0])] if p and c else []
+                scored += [(start + t - 1, c[t]) for t in range(1, len(c))]
+                for target, values in zip(targets[j], ([g] * len(scored), [b] * len(scored), *zip(*scored))):
+                    target.extend(values)
+                start += len(c)
+            at += sizes[g]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()  # (L, L)
+    same_group = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)  # (B, L, L)
+    visible = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])  # (B, L, L)
+    mask = (causal & same_group & visible) | torch.eye(L, dtype=torch.bool)  # padding sees itself only
     as_t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    return {"input_ids": input_ids, "position_ids": position_ids, "mask": mask,
+    return {"input_ids": input_ids, "position_ids": position_ids, "mask": mask[:, None], "groups": len(groups),
             "targets": [tuple(as_t(x) for x in t) for t in targets],
-            "slot_tokens": [sum(len(p) + len(cs[j]) for p, cs in rows if j < len(cs)) for j in range(slots)]}
+            "slot_tokens": [sum(len(p) + len(cs[j]) for p, cs in groups if j < len(cs)) for j in range(len(targets))]}
 
 
-def shared_prompt_logps(model, packed: dict, grad_slots: tuple = (0,)) -> list:
-    """Per completion slot, (B,) summed log-probs and (B,) scored lengths; slots not in grad_slots
-    carry no gradient."""
+def packed_logps(model, packed: dict, grad_slots: tuple = (0,)) -> list:
+    """Per completion slot, Logps of each group: (G,) summed log-probs and (G,) scored lengths;
+    slots not in grad_slots carry no gradient."""
     device = packed["input_ids"].device
     hidden = model.base_model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
                               attention_mask=packed["mask"]).last_hidden_state  # (B, L, H)
-    head, B = model.get_output_embeddings(), packed["input_ids"].shape[0]
+    head, G = model.get_output_embeddings(), packed["groups"]
     out = []
     for j, target in enumerate(packed["targets"]):
-        rows, cols, labels = (x.to(device) for x in target)
+        group, rows, cols, labels = (x.to(device) for x in target)
         h = hidden if j in grad_slots else hidden.detach()
         with contextlib.nullcontext() if j in grad_slots else torch.no_grad():
             logps = head_logps(head, h[rows, cols], labels)  # (N_j,)
-            seq = torch.zeros(B, dtype=torch.float32, device=device).index_add(0, rows, logps)  # (B,)
-        lengths = torch.zeros(B, dtype=torch.long, device=device).index_add(0, rows, torch.ones_like(rows))
+            seq = torch.zeros(G, dtype=torch.float32, device=device).index_add(0, group, logps)  # (G,)
+        lengths = torch.zeros(G, dtype=torch.long, device=device).index_add(0, group, torch.ones_like(group))
         out.append(Logps(seq=seq, lengths=lengths))
     return out

@@ -128,9 +128,9 @@ def _hf_load(loader, cfg: ModelConfig, path, **kwargs):
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    if cfg.source == ModelSource.tiny:
+    if cfg.source == ModelSource.tiny and cfg.name_or_path == "tiny":
         return tiny_tokenizer()
-    path = converted_gguf(cfg) if cfg.source == ModelSource.gguf else cfg.name_or_path
+    path = converted_gguf(cfg) if cfg.gguf_file else cfg.name_or_path
     tok = _hf_load(AutoTokenizer, cfg, path)
     if tok.pad_token is None:  # padding is masked out, so any token serves
         tok.pad_token = tok.eos_token or tok.unk_token

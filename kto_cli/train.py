@@ -24,7 +24,7 @@ from . import reference as reference_mod
 from .checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import CacheMode, KTOLossConfig, Precision, RunConfig, Schedule, UnpairMode, UserError
 from .data import Split, build_splits, collate
-from .logprobs import Logps, completion_logps, shared_prompt_batch, shared_prompt_logps, shares_prompt_forward
+from .logprobs import Logps, completion_logps, packed_batch, packed_logps, packs, to_device
 from .losses import kto_reference_point, pair_wins
 from .models import cache_root, load_model, load_tokenizer, model_key
 from .refcache import RefCache
@@ -216,7 +216,10 @@ class Trainer:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if need.value_head:
             self.value_head = torch.nn.Linear(self.model.config.hidden_size, 1).to(self.device)
-        self.share_prompt = cfg.trainer.shared_prompt and shares_prompt_forward(self.model)
+        self.packs = packs(self.model)
+        self.share_prompt = cfg.trainer.shared_prompt and self.packs
+        # row capacity of packed batches: 0 = the micro-batch's longest sequence group; None = one per row
+        self.capacity = (cfg.trainer.pack_length or 0) if cfg.trainer.packing and self.packs else None
         self.order = length_grouped(self.unit_lengths("train"), cfg.trainer.micro_batch_size) \
             if cfg.trainer.group_by_length else None
         self.steps = total_steps(cfg, len(self.units["train"]))
@@ -284,15 +287,18 @@ class Trainer:
         if source == "reference":
             lengths = torch.tensor([len(c) for _, c in seqs])
             return Logps(seq=self.ref.get(name, "_kl" if kl else "")[idx].to(self.device), lengths=lengths), 0
-        batch = {k: v.to(self.device) for k, v in collate(seqs, self.pad_id).items()}
         want_tokens = not kl and self.need.per_token
         with self.autocast(), (torch.no_grad() if kl else contextlib.nullcontext()):
+            if self.capacity is not None and not want_tokens:
+                packed = to_device(packed_batch([(p, [c]) for p, c in seqs], self.pad_id, self.capacity), self.device)
+                return packed_logps(self.model, packed, grad_slots=() if kl else (0,))[0], packed["slot_tokens"][0]
+            batch = {k: v.to(self.device) for k, v in collate(seqs, self.pad_id).items()}
             lp = completion_logps(self.model, batch, per_token=want_tokens, hidden=want_tokens and self.need.value_head)
         return lp, int(batch["attention_mask"].sum())
 
     def shared_forward(self, name: str, idx: list) -> Optional[tuple]:
         """One row per prompt with its completions, the prompt computed once
-        (logprobs.shared_prompt_batch): KTO's example + KL sequence (the KL one without gradient),
+        (logprobs.packed_batch): KTO's example + KL sequence (the KL one without gradient),
         or a pair's chosen + rejected. Returns (Logps of idx in order, KL log-probs or None, tokens),
         or None where it does not apply (the sequences keep different prompts after truncation)."""
         split, paired = self.splits[name], self.need.paired
@@ -303,10 +309,9 @@ class Trainer:
             groups = [(split.sequence(i), split.kl_sequence(i)) for i in idx]
         if any(a[0] != b[0] for a, b in groups):
             return None
-        packed = shared_prompt_batch([(a[0], [a[1], b[1]]) for a, b in groups], self.pad_id)
-        packed = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in packed.items()}
+        packed = to_device(packed_batch([(a[0], [a[1], b[1]]) for a, b in groups], self.pad_id, self.capacity), self.device)
         with self.autocast():
-            first, second = shared_prompt_logps(self.model, packed, grad_slots=(0, 1) if paired else (0,))
+            first, second = packed_logps(self.model, packed, grad_slots=(0, 1) if paired else (0,))
         tokens = sum(packed["slot_tokens"]) if paired else packed["slot_tokens"][0]  # as two separate batches
         if paired:
             return Logps(seq=torch.cat([first.seq, second.seq]), lengths=torch.cat([first.lengths, second.lengths])), None, tokens

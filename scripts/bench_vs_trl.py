@@ -2,8 +2,11 @@
 batch size, lengths, precision and steps (KTO, beta 0.1, lr 1e-5 constant, fp32, CPU).
 
     pip install trl                                    # for this benchmark only
-    python scripts/bench_vs_trl.py                     # tiny and smollm2_135m, 12 steps each
-    python scripts/bench_vs_trl.py --models tiny --steps 20 --repeats 3
+    python scripts/bench_vs_trl.py                     # tiny_smollm2 and smollm2_135m, 12 steps each
+    python scripts/bench_vs_trl.py --models tiny_smollm2 --steps 30 --repeats 3
+
+Models: tiny_smollm2 is a 2-layer, hidden-64 Llama with SmolLM2's 49,152-token vocabulary (the LM
+head dominates); smollm2_135m is SmolLM2-135M-Instruct.
 
 Each configuration runs in its own process (peak RSS is that process's):
   trl_default     KTOTrainer with a reference model, reference log-probs every step
@@ -12,6 +15,7 @@ Each configuration runs in its own process (peak RSS is that process's):
                   examples, forward without grad on their KL partners, the completion log-prob
                   gather (LM head on completion positions only), backward, AdamW
   ours            kto-train (reference.cache=off: its reference pass is inside time-to-first-step)
+  ours_packed     the same with trainer.packing=true (padding-free rows)
 tokens/s counts prompt + completion tokens of the policy batches over the training steps' time;
 steady tokens/s leaves out the first step (on CPU it pays the first-touch page faults of the
 optimizer state and gradients, ~6 s for SmolLM2-135M here).
@@ -31,24 +35,24 @@ from pathlib import Path
 BATCH, MAX_LENGTH, LR, ROWS = 8, 128, 1e-5, 48
 
 
-def compose(model: str, steps: int, out: Path):
+def compose(model: str, steps: int, out: Path, lr: float = LR, overrides: tuple = ()):
     from hydra import compose as hydra_compose, initialize_config_module
 
     from kto_cli.config import register_configs, to_run_config
     register_configs()
     overrides = [f"model={model}", f"trainer.max_steps={steps}", f"trainer.batch_size={BATCH}",
-                 f"trainer.micro_batch_size={BATCH}", f"trainer.lr={LR}", "trainer.schedule=constant",
+                 f"trainer.micro_batch_size={BATCH}", f"trainer.lr={lr}", "trainer.schedule=constant",
                  "trainer.warmup_ratio=0", "trainer.progress=false", "dataset.eval=null",
-                 f"dataset.max_train_rows={ROWS}", f"dataset.max_length={MAX_LENGTH}", "reference.cache=off"]
+                 f"dataset.max_train_rows={ROWS}", f"dataset.max_length={MAX_LENGTH}", "reference.cache=off", *overrides]
     with initialize_config_module("kto_cli.conf", version_base=None):
         return to_run_config(hydra_compose("config", overrides=overrides))
 
 
-def setup(model_name: str, steps: int, out: Path):
+def setup(model_name: str, steps: int, out: Path, lr: float = LR, overrides: tuple = ()):
     """The model, tokenizer and examples every configuration uses."""
     from kto_cli.data import build_splits
     from kto_cli.models import load_model, load_tokenizer
-    cfg = compose(model_name, steps, out)
+    cfg = compose(model_name, steps, out, lr, overrides)
     tok = load_tokenizer(cfg.model)
     split, _, _ = build_splits(cfg.dataset, tok, True)
     return cfg, tok, split, lambda: load_model(cfg.model, tok)
@@ -58,11 +62,11 @@ def mean_tokens(split) -> float:
     return sum(len(p) + len(c) for p, c in (split.sequence(i) for i in range(len(split)))) / len(split)
 
 
-def run_ours(model_name: str, steps: int, out: Path) -> dict:
+def run_ours(model_name: str, steps: int, out: Path, overrides: tuple = ()) -> dict:
     from kto_cli.cli import tune_allocator
     tune_allocator()
     from kto_cli.train import train
-    cfg, _, split, _ = setup(model_name, steps, out)
+    cfg, _, split, _ = setup(model_name, steps, out, overrides=overrides)
     start = time.perf_counter()
     summary = train(cfg, out)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -75,21 +79,29 @@ def run_ours(model_name: str, steps: int, out: Path) -> dict:
                             for r in first]}
 
 
-def run_bare(model_name: str, steps: int, out: Path) -> dict:
+def rotated_kl(split) -> list:
+    """TRL's KL sequences: each batch of BATCH rows in data order pairs prompt i with completion i-1
+    (the first with the last), where kto-train uses a seeded derangement (data.kl_partners)."""
+    n = len(split)
+    last = lambda i: min(i - i % BATCH + BATCH, n) - 1  # noqa: E731  the last row of i's batch
+    return [(split.sequence(i)[0], split.sequence(i - 1 if i % BATCH else last(i))[1]) for i in range(n)]
+
+
+def run_bare(model_name: str, steps: int, out: Path, lr: float = LR, trl_kl: bool = False, overrides: tuple = ()) -> dict:
     import torch
     from kto_cli.data import collate
     from kto_cli.logprobs import completion_logps, logps_of
     from kto_cli.losses import kto_loss, kto_reference_point
     start = time.perf_counter()
-    cfg, tok, split, load = setup(model_name, steps, out)
+    cfg, tok, split, load = setup(model_name, steps, out, lr, overrides)
     model = load()
     n = len(split)
     seqs = [split.sequence(i) for i in range(n)]
-    kl_seqs = [split.kl_sequence(i) for i in range(n)]
+    kl_seqs = rotated_kl(split) if trl_kl else [split.kl_sequence(i) for i in range(n)]
     off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
     ref, _, _ = logps_of(model, seqs, 16, tok.pad_token_id, "cpu", off)
     ref_kl, _, _ = logps_of(model, kl_seqs, 16, tok.pad_token_id, "cpu", off)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
     model.train()
     first_step_at = time.perf_counter()
     first, ends = [], []
@@ -105,19 +117,21 @@ def run_bare(model_name: str, steps: int, out: Path) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step < 3:
-            first.append({"loss": loss.item(), "kl": z.item()})
+            mean = lambda v: v.mean().item() if v.numel() else None  # noqa: E731
+            first.append({"loss": loss.item(), "kl": z.item(), "rewards/chosen": mean(m["rewards/chosen"]),
+                          "rewards/rejected": mean(m["rewards/rejected"])})
         ends.append(time.perf_counter())
     end = time.perf_counter()
     return {"train_s": end - first_step_at, "first_step_s": first_step_at - start, "total_s": end - start,
             "tokens": steps * BATCH * mean_tokens(split), "steady_s": ends[-1] - ends[0], "first_steps": first}
 
 
-def run_trl(model_name: str, steps: int, out: Path, precompute: bool) -> dict:
+def run_trl(model_name: str, steps: int, out: Path, precompute: bool, lr: float = LR, overrides: tuple = ()) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import KTOConfig, KTOTrainer
     start = time.perf_counter()
-    cfg, tok, split, load = setup(model_name, steps, out)
+    cfg, tok, split, load = setup(model_name, steps, out, lr, overrides)
     rows = [{"prompt": e.prompt, "completion": [{"role": "assistant", "content": e.completion}], "label": e.desirable}
             for e in split.examples]
     model = load()
@@ -130,7 +144,7 @@ def run_trl(model_name: str, steps: int, out: Path, precompute: bool) -> dict:
         def on_step_end(self, args, state, control, **kw):
             times.setdefault("ends", []).append(time.perf_counter())
 
-    args = KTOConfig(output_dir=str(out), per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
+    args = KTOConfig(output_dir=str(out), per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=lr,
                      lr_scheduler_type="constant", warmup_steps=0, beta=0.1, logging_steps=1, report_to=[],
                      bf16=False, fp16=False, gradient_checkpointing=False, max_length=MAX_LENGTH,
                      precompute_ref_log_probs=precompute, save_strategy="no", disable_tqdm=True, seed=0,
@@ -146,7 +160,8 @@ def run_trl(model_name: str, steps: int, out: Path, precompute: bool) -> dict:
 
 
 RUNNERS = {"trl_default": lambda m, s, o: run_trl(m, s, o, False), "trl_precompute": lambda m, s, o: run_trl(m, s, o, True),
-           "bare": run_bare, "ours": run_ours}
+           "bare": run_bare, "ours": run_ours,
+           "ours_packed": lambda m, s, o: run_ours(m, s, o, ("trainer.packing=true",))}
 
 
 def one(config: str, model: str, steps: int) -> None:
@@ -160,7 +175,7 @@ def one(config: str, model: str, steps: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--models", nargs="+", default=["tiny", "smollm2_135m"])
+    p.add_argument("--models", nargs="+", default=["tiny_smollm2", "smollm2_135m"])
     p.add_argument("--configs", nargs="+", default=list(RUNNERS))
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--repeats", type=int, default=1)

@@ -89,13 +89,20 @@ def test_paired_data_feeds_every_kind_of_loss(tmp_path):
     assert len(seen["kto"]) == 24 and len(seen["sft"]) == 12
 
 
-@pytest.mark.parametrize("loss", ["kto", "dpo"])
-def test_shared_prompt_rows_change_no_number(tmp_path, loss):
+LAYOUTS = {"separate": ["trainer.shared_prompt=false"], "shared": [],
+           "packed": ["trainer.packing=true", "trainer.pack_length=512"],
+           "packed_separate": ["trainer.shared_prompt=false", "trainer.packing=true", "trainer.pack_length=512"]}
+
+
+@pytest.mark.parametrize("loss", ["kto", "dpo", "sft"])
+def test_batch_layouts_change_no_number(tmp_path, loss):
     """kto (example + KL sequence) and dpo (chosen + rejected) share each prompt's computation by
-    default; the losses equal those of separate forward passes."""
+    default, and packing puts several sequences in a row (here the whole micro-batch); the losses
+    equal those of one padded row per sequence."""
     runs = {}
-    for shared in ("true", "false"):
-        train(make_config(*TINY, f"loss={loss}", "trainer.lr=1e-3", f"trainer.shared_prompt={shared}"), tmp_path / shared)
-        lines = [json.loads(x) for x in (tmp_path / shared / "metrics.jsonl").read_text().splitlines()]
-        runs[shared] = [r["train/loss"] for r in lines if "train/loss" in r]
-    assert runs["true"] == pytest.approx(runs["false"], abs=1e-5)
+    for name, overrides in LAYOUTS.items():
+        train(make_config(*TINY, f"loss={loss}", "trainer.lr=1e-3", *overrides), tmp_path / name)
+        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [r["train/loss"] for r in lines if "train/loss" in r]
+    for name in LAYOUTS:
+        assert runs[name] == pytest.approx(runs["separate"], abs=1e-5), name

@@ -4,7 +4,7 @@ import torch
 from kto_cli import logprobs
 from kto_cli.config import ModelConfig, ModelSource
 from kto_cli.data import collate
-from kto_cli.logprobs import completion_logps, logps_of, shared_prompt_batch, shared_prompt_logps
+from kto_cli.logprobs import completion_logps, logps_of, packed_batch, packed_logps
 from kto_cli.models import tiny_model
 
 
@@ -41,15 +41,15 @@ def test_shared_prompt_row_equals_separate_forwards(tiny_tok):
     (P, C) and of (P, K) computed apart; a slot outside grad_slots has no gradient."""
     model = tiny_model(ModelConfig(source=ModelSource.tiny, name_or_path="tiny"), len(tiny_tok), tiny_tok.pad_token_id)
     rows = [([1, 2, 3, 4], [5, 6], [7, 8, 9]), ([7, 8], [9, 10, 11, 12, 13], [3]), ([3], [4], [5, 6])]
-    packed = shared_prompt_batch([(p, [c, k]) for p, c, k in rows], tiny_tok.pad_token_id)
-    first, second = shared_prompt_logps(model, packed, grad_slots=(0,))
+    packed = packed_batch([(p, [c, k]) for p, c, k in rows], tiny_tok.pad_token_id)
+    first, second = packed_logps(model, packed, grad_slots=(0,))
     pc = completion_logps(model, collate([(p, c) for p, c, _ in rows], tiny_tok.pad_token_id))
     pk = completion_logps(model, collate([(p, k) for p, _, k in rows], tiny_tok.pad_token_id))
     torch.testing.assert_close(first.seq, pc.seq, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(second.seq, pk.seq.detach(), rtol=1e-5, atol=1e-5)
     assert first.lengths.tolist() == [2, 5, 1] and second.lengths.tolist() == [3, 1, 2]
     assert first.seq.requires_grad and not second.seq.requires_grad
-    both = shared_prompt_logps(model, packed, grad_slots=(0, 1))
+    both = packed_logps(model, packed, grad_slots=(0, 1))
     assert all(lp.seq.requires_grad for lp in both)
     assert packed["slot_tokens"] == [6 + 7 + 2, 7 + 3 + 3]
 
@@ -65,3 +65,24 @@ def test_logps_of_groups_sequences_by_prompt(tiny_tok, monkeypatch):
     one_by_one = torch.stack([completion_logps(model, collate([s], tiny_tok.pad_token_id)).seq[0] for s in seqs])
     torch.testing.assert_close(seq, one_by_one.detach(), rtol=1e-5, atol=1e-5)
     assert tokens is None and lengths.tolist() == [1, 2, 3, 2, 1]
+
+
+def test_packed_rows_equal_separate_forwards(tiny_tok):
+    """Several groups in one row (padding-free), each seeing only itself with its own positions,
+    give the log-probs of one forward per sequence; rows never exceed the capacity (or the
+    largest group) and every group is placed once."""
+    model = tiny_model(ModelConfig(source=ModelSource.tiny, name_or_path="tiny"), len(tiny_tok), tiny_tok.pad_token_id)
+    groups = [([1, 2, 3, 4], [[5, 6], [7, 8, 9]]), ([7, 8], [[9, 10, 11, 12, 13], [3]]), ([3], [[4], [5, 6]]),
+              ([2, 9], [[1], [2]]), ([6], [[7, 7, 7]])]
+    packed = packed_batch(groups, tiny_tok.pad_token_id, capacity=12)
+    assert packed["input_ids"].shape == (3, 12)  # group sizes 9, 8, 4, 4, 4 -> rows [9], [8, 4], [4, 4]
+    assert (packed["input_ids"] != tiny_tok.pad_token_id).sum() == 9 + 8 + 4 + 4 + 4
+    first, second = packed_logps(model, packed, grad_slots=(0, 1))
+    for slot, got in ((0, first), (1, second)):
+        has = [g for g, (_, cs) in enumerate(groups) if slot < len(cs)]  # the last group has one completion
+        seqs = [(groups[g][0], groups[g][1][slot]) for g in has]
+        alone = torch.stack([completion_logps(model, collate([s], tiny_tok.pad_token_id)).seq[0] for s in seqs])
+        torch.testing.assert_close(got.seq[has], alone, rtol=1e-5, atol=1e-5)
+        assert got.lengths[has].tolist() == [len(c) for _, c in seqs]
+    assert logprobs.pack_rows([3, 3, 3], capacity=None) == [[0], [1], [2]]
+    assert logprobs.pack_rows([5, 2, 4, 1], capacity=0) == [[0], [2, 3], [1]]
