@@ -1,4 +1,6 @@
-"""Checkpoints and the final export, each written under a temp name and renamed when complete."""
+"""Checkpoints and the final export, each written under a temp name and renamed when complete, so
+a crash never leaves a folder that a later resume or user would trust. With several processes every
+rank writes its part into the same temp folder; rank 0 renames it once all have finished."""
 import os
 import re
 import shutil
@@ -6,29 +8,40 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from . import distributed as dist
+from .config import UserError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def atomic_dir(dest: Path, write) -> Path:
-    """Calls write(tmp) on a fresh temp folder beside dest, then renames it to dest."""
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Calls write(tmp) on a fresh temp folder beside dest (on every rank), then rank 0 renames it
+    to dest. The temp name is the same on every rank: it is one shared folder."""
+    tmp = dest.with_name(f"{dest.name}.tmp")
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
     write(tmp)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    dist.barrier()
+    if dist.is_main():
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    dist.barrier()
     return dest
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, fingerprint: str, value_head=None) -> Path:
+def save_checkpoint(run_dir: Path, step: int, backend, fingerprint: str) -> Path:
+    """The backend's state (weights, optimizer, schedule) and the step: the data order depends only
+    on the seed and the step, and nothing random happens after set-up, so that is all a resume needs."""
     def write(tmp: Path):
-        model.save_pretrained(tmp / "model")
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "fingerprint": fingerprint, "value_head": value_head.state_dict() if value_head else None},
-                   tmp / "trainer_state.pt")
+        backend.save(tmp)
+        if dist.is_main():
+            torch.save({"step": step, "fingerprint": fingerprint, "backend": backend.name, "world": dist.world()},
+                       tmp / "trainer_state.pt")
     return atomic_dir(run_dir / "checkpoints" / f"step_{step:07d}", write)
 
 
@@ -38,33 +51,32 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return max(found)[1] if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: str, value_head=None) -> int:
-    """Restores weights, optimizer and schedule in place; returns the step the checkpoint ends."""
-    from .config import UserError
-
+def load_checkpoint(path: Path, backend, fingerprint: str) -> int:
+    """Restores the backend's state in place; returns the step the checkpoint ends."""
+    if not (path / "trainer_state.pt").is_file():
+        raise UserError(f"{path}: not a kto-cli checkpoint (no trainer_state.pt)")
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
     if state["fingerprint"] != fingerprint:
         raise UserError(f"{path}: checkpoint was written by a run with another model, data or loss config")
-    weights = {}
-    for f in sorted((path / "model").glob("*.safetensors")):
-        weights.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    model.tie_weights()
-    if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise UserError(f"{path}: checkpoint weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if value_head is not None:
-        value_head.load_state_dict(state["value_head"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    if state.get("backend", "torch") != backend.name:
+        raise UserError(f"{path}: checkpoint was written with backend {state.get('backend')}, this run uses "
+                        f"{backend.name} (deepspeed=none is torch; zero0-3 are deepspeed)")
+    backend.load(path)
     return state["step"]
 
 
-def export_final(run_dir: Path, model, tokenizer, value_head=None) -> Path:
-    """final/: a save_pretrained folder (model + tokenizer) that transformers loads as is (plus
-    value_head.safetensors for ppo, which transformers ignores)."""
+def export_final(run_dir: Path, backend, lm, tokenizer) -> Path:
+    """final/: a save_pretrained folder (model + tokenizer) that transformers loads as is, from the
+    weights gathered on rank 0 (consolidated under ZeRO-3), plus value_head.safetensors for ppo."""
+    state = backend.state_dict()  # a collective under ZeRO-3
+
     def write(tmp: Path):
-        model.save_pretrained(tmp)
+        if not dist.is_main():
+            return
+        weights = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
+        lm.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
-        if value_head is not None:
-            save_file({k: v.contiguous() for k, v in value_head.state_dict().items()}, str(tmp / "value_head.safetensors"))
+        head = {k[len("value_head."):]: v.contiguous() for k, v in state.items() if k.startswith("value_head.")}
+        if head:
+            save_file(head, str(tmp / "value_head.safetensors"))
     return atomic_dir(run_dir / "final", write)

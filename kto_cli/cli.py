@@ -4,7 +4,9 @@
 """
 import ctypes
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -12,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from .config import UserError, register_configs, to_run_config
+from .distributed import env_ranks, strip_launcher_args
 
 
 def tune_allocator() -> None:
@@ -35,7 +38,10 @@ def _train(cfg: DictConfig) -> None:
 
     try:
         run = to_run_config(cfg)
-        train(run, Path(HydraConfig.get().runtime.output_dir))
+        out = Path(HydraConfig.get().runtime.output_dir)
+        train(run, out)
+        if env_ranks()[0] > 0 and out.name.startswith("kto-train-rank"):
+            shutil.rmtree(out, ignore_errors=True)  # this rank's unused Hydra dir
     except UserError as e:
         print(f"kto-train: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -52,7 +58,21 @@ def _precompute(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def launcher_argv(argv: list) -> list:
+    """The command line Hydra sees: without the deepspeed launcher's --local_rank=N, and, on ranks
+    other than 0, without a run dir or log file of their own (rank 0's run dir is used; without
+    an explicit hydra.run.dir the others' timestamps could differ)."""
+    argv = strip_launcher_args(argv)
+    rank = env_ranks()[0]
+    if rank > 0:
+        argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+        if not any(a.startswith(("hydra.run.dir=", "++hydra.run.dir=")) for a in argv):
+            argv.append(f"hydra.run.dir={tempfile.gettempdir()}/kto-train-rank{rank}-{os.getpid()}")
+    return argv
+
+
 def train_main() -> None:
+    sys.argv = launcher_argv(sys.argv)
     register_configs()
     tune_allocator()
     _train()
@@ -60,6 +80,7 @@ def train_main() -> None:
 
 def precompute_main() -> None:
     """kto-precompute <the same overrides as kto-train>: fill the reference cache ahead of training."""
+    sys.argv = launcher_argv(sys.argv)
     register_configs()
     tune_allocator()
     _precompute()

@@ -6,7 +6,7 @@ Hydra composes, before any model loads. `validate` adds the checks a type cannot
 """
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -207,9 +207,28 @@ class ReferenceConfig:
     cache_dir: Optional[str] = None  # default: $KTO_CLI_CACHE/reference or ~/.cache/kto-cli/reference
 
 
+class Offload(Enum):
+    none = "none"
+    cpu = "cpu"
+
+
 @dataclass
 class DeepSpeedConfig:
+    """The ZeRO part of a DeepSpeed config. Batch sizes, accumulation, precision, clipping, the
+    optimizer and the schedule come from `trainer` (kto_cli/backend.py builds the whole config), so
+    no value is set in two places."""
     name: str = "none"
+    stage: Optional[int] = None  # ZeRO stage 0-3; null: no DeepSpeed (one process, plain PyTorch)
+    offload_optimizer: Offload = Offload.none  # optimizer state and step on the CPU (ZeRO-Offload)
+    offload_param: Offload = Offload.none  # parameters on the CPU between uses (ZeRO-3 only)
+    overlap_comm: bool = False  # overlap gradient reduction with backward (GPU memory for speed)
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 200_000_000  # elements
+    # ZeRO-3: build the model already sharded (deepspeed.zero.Init), so a model larger than one
+    # device's memory loads
+    zero_init: bool = True
+    # Any other DeepSpeed keys (e.g. comms_logger, flops_profiler); keys kto-cli sets are refused.
+    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -269,7 +288,12 @@ def validate(run: RunConfig) -> None:
     _check(0 < d.max_prompt_length < d.max_length,
            f"dataset.max_prompt_length={d.max_prompt_length} must be positive and below dataset.max_length={d.max_length}")
     _check(run.model.source != ModelSource.gguf or bool(run.model.gguf_file), "model.source=gguf needs model.gguf_file")
-    _check(run.deepspeed.name == "none", f"deepspeed={run.deepspeed.name} is not supported yet; use deepspeed=none")
+    ds = run.deepspeed
+    _check(ds.stage is None or ds.stage in (0, 1, 2, 3), f"deepspeed.stage must be 0, 1, 2, 3 or null, got {ds.stage}")
+    _check(ds.offload_param == Offload.none or ds.stage == 3, "deepspeed.offload_param needs deepspeed.stage=3")
+    _check(ds.offload_optimizer == Offload.none or (ds.stage or 0) >= 1,
+           "deepspeed.offload_optimizer needs deepspeed.stage 1, 2 or 3")
+    _check(ds.stage is not None or not ds.extra, "deepspeed.extra needs a ZeRO stage (e.g. deepspeed=zero2)")
     for key in ("beta", "tau", "desirable_weight", "undesirable_weight"):
         value = getattr(run.loss, key, 1.0)
         _check(value > 0, f"loss.{key} must be positive, got {value}")

@@ -10,7 +10,9 @@ from typing import Optional
 
 import torch
 
-HEAD_CHUNK = 1024  # rows of hidden states sent through the LM head at once
+# Rows of hidden states sent through the LM head at once; 0: all in one call (set under ZeRO-3,
+# where the number of calls must not depend on a rank's data).
+HEAD_CHUNK = 1024
 
 
 @dataclass
@@ -20,6 +22,7 @@ class Logps:
     tokens: Optional[torch.Tensor] = None  # (B, L) per completion token, 0 on padding
     mask: Optional[torch.Tensor] = None  # (B, L) 1.0 on real completion tokens
     hidden: Optional[torch.Tensor] = None  # (B, L, H) the hidden states that predicted those tokens
+    values: Optional[torch.Tensor] = None  # (B, L) a value head's estimates at those positions (ppo)
 
 
 def supports_sparse_head(model) -> bool:
@@ -58,25 +61,32 @@ def completion_logps(model, batch: dict, per_token: bool = False, hidden: bool =
 
 
 def head_logps(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(head(hidden))[label] for each row, computed HEAD_CHUNK rows at a time. (N,)"""
+    """log softmax(head(hidden))[label] for each row, computed HEAD_CHUNK rows at a time (all at
+    once when HEAD_CHUNK is 0). The head runs at least once, on zero rows if need be: under ZeRO-3
+    every rank must call each module the same number of times. (N,)"""
+    chunk = HEAD_CHUNK or max(1, hidden.shape[0])
     parts = []
-    for start in range(0, hidden.shape[0], HEAD_CHUNK):
-        logits = head(hidden[start:start + HEAD_CHUNK]).float()  # (n, V)
-        lab = labels[start:start + HEAD_CHUNK, None]  # (n, 1)
+    for start in range(0, max(1, hidden.shape[0]), chunk):
+        logits = head(hidden[start:start + chunk]).float()  # (n, V)
+        lab = labels[start:start + chunk, None]  # (n, 1)
         parts.append(logits.gather(1, lab).squeeze(1) - torch.logsumexp(logits, dim=-1))  # (n,)
-    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(parts)
 
 
 @torch.no_grad()
 def logps_of(model, sequences: list, batch_size: int, pad_id: int, device, autocast, progress=None,
-             per_token: bool = False) -> tuple:
+             per_token: bool = False, stats: Optional[dict] = None, call=None) -> tuple:
     """Completion log-probs for many (prompt ids, completion ids) pairs, batched by length so little
     padding is computed, returned in the order given, on CPU: (seq (N,), tokens (N, L) or None,
-    lengths (N,) of the scored completion tokens)."""
+    lengths (N,) of the scored completion tokens). stats["forwards"] counts the forward passes;
+    call(fn, *args) runs fn(model, *args) (through a DeepSpeed engine, say)."""
+    stats = stats if stats is not None else {}
+    stats.setdefault("forwards", 0)
+    call = call or (lambda fn, *args, **kwargs: fn(model, *args, **kwargs))
     from .data import collate
 
     if not per_token and packs(model):
-        return _logps_by_prompt(model, sequences, batch_size, pad_id, device, autocast, progress)
+        return _logps_by_prompt(call, sequences, batch_size, pad_id, device, autocast, progress, stats)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
     seq = torch.empty(len(sequences), dtype=torch.float32)
     lengths = torch.zeros(len(sequences), dtype=torch.long)
@@ -85,7 +95,8 @@ def logps_of(model, sequences: list, batch_size: int, pad_id: int, device, autoc
         idx = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate([sequences[i] for i in idx], pad_id).items()}
         with autocast():
-            lp = completion_logps(model, batch, per_token=per_token)
+            lp = call(completion_logps, batch, per_token=per_token)
+        stats["forwards"] += 1
         seq[idx] = lp.seq.float().cpu()
         lengths[idx] = lp.lengths.cpu()
         if per_token:
@@ -99,7 +110,7 @@ MAX_SHARED = 8  # completions packed behind one prompt in a row
 
 
 @torch.no_grad()
-def _logps_by_prompt(model, sequences: list, batch_size: int, pad_id: int, device, autocast, progress) -> tuple:
+def _logps_by_prompt(call, sequences: list, batch_size: int, pad_id: int, device, autocast, progress, stats) -> tuple:
     """logps_of for sequences that share prompts (an example, its pair sibling and their KL
     sequences all start with the same prompt): each row holds a prompt and up to MAX_SHARED of its
     completions (packed_batch), so the prompt is computed once for all of them."""
@@ -115,7 +126,8 @@ def _logps_by_prompt(model, sequences: list, batch_size: int, pad_id: int, devic
         chunk = groups[start:start + rows_per_batch]
         packed = to_device(packed_batch([(p, [sequences[i][1] for i in idx]) for p, idx in chunk], pad_id), device)
         with autocast():
-            slots = packed_logps(model, packed, grad_slots=())
+            slots = call(packed_logps, packed, grad_slots=())
+        stats["forwards"] += 1
         for b, (_, idx) in enumerate(chunk):
             for j, i in enumerate(idx):
                 seq[i] = slots[j].seq[b].float().cpu()
@@ -190,23 +202,35 @@ def packed_batch(groups: list, pad_id: int, capacity: Optional[int] = None) -> d
     as_t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return {"input_ids": input_ids, "position_ids": position_ids, "mask": mask[:, None], "groups": len(groups),
             "targets": [tuple(as_t(x) for x in t) for t in targets],
-            "slot_tokens": [sum(len(p) + len(cs[j]) for p, cs in groups if j < len(cs)) for j in range(len(targets))]}
+            "slot_tokens": [sum(len(p) + len(cs[j]) for p, cs in groups if j < len(cs) and cs[j]) for j in range(len(targets))]}
 
 
 def packed_logps(model, packed: dict, grad_slots: tuple = (0,)) -> list:
-    """Per completion slot, Logps of each group: (G,) summed log-probs and (G,) scored lengths;
-    slots not in grad_slots carry no gradient."""
+    """Per completion slot, Logps of each group: (G,) summed log-probs and (G,) scored lengths.
+    Slots not in grad_slots carry no gradient. The LM head runs once for the slots with gradient
+    and once for those without, whatever the number of slots (ZeRO-3 needs the same calls on every
+    rank)."""
     device = packed["input_ids"].device
     hidden = model.base_model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
                               attention_mask=packed["mask"]).last_hidden_state  # (B, L, H)
     head, G = model.get_output_embeddings(), packed["groups"]
+    targets = [tuple(x.to(device) for x in t) for t in packed["targets"]]  # per slot: group, row, position, label
+    logps = [None] * len(targets)
+    for with_grad in (True, False):
+        slots = [j for j in range(len(targets)) if (j in grad_slots) == with_grad]
+        if not slots:
+            continue
+        rows = torch.cat([targets[j][1] for j in slots])  # (N,)
+        cols = torch.cat([targets[j][2] for j in slots])  # (N,)
+        labels = torch.cat([targets[j][3] for j in slots])  # (N,)
+        with contextlib.nullcontext() if with_grad else torch.no_grad():
+            h = hidden if with_grad else hidden.detach()
+            flat = head_logps(head, h[rows, cols], labels)  # (N,)
+        for j, part in zip(slots, flat.split([len(targets[j][0]) for j in slots])):
+            logps[j] = part
     out = []
-    for j, target in enumerate(packed["targets"]):
-        group, rows, cols, labels = (x.to(device) for x in target)
-        h = hidden if j in grad_slots else hidden.detach()
-        with contextlib.nullcontext() if j in grad_slots else torch.no_grad():
-            logps = head_logps(head, h[rows, cols], labels)  # (N_j,)
-            seq = torch.zeros(G, dtype=torch.float32, device=device).index_add(0, group, logps)  # (G,)
+    for (group, *_), lp in zip(targets, logps):
+        seq = torch.zeros(G, dtype=torch.float32, device=device).index_add(0, group, lp)  # (G,)
         lengths = torch.zeros(G, dtype=torch.long, device=device).index_add(0, group, torch.ones_like(group))
         out.append(Logps(seq=seq, lengths=lengths))
     return out

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .logprobs import logps_of
 from .refcache import RefCache, sequence_key
 
@@ -48,12 +49,16 @@ def wanted(splits: dict, kl: bool) -> list:
 
 def reference_pass(get_model: Callable, splits: dict, kl: bool, per_token: bool, cache: Optional[RefCache],
                    batch_size: int, pad_id: int, device, autocast, show_progress: bool = True,
-                   shard: tuple = (0, 1)) -> tuple:
+                   shard: tuple = (0, 1), exchange: bool = False, call=None) -> tuple:
     """splits: name ("train"/"eval") -> (Split, indices of the examples that will be used).
     Looks every sequence up in the cache by content, computes only the missing ones (this
     process's share of them when shard = (rank, world size)), stores those, and returns
-    (ReferenceLogps, or None when sharded, and a report). get_model is called only if something
-    must be computed."""
+    (ReferenceLogps, and a report). get_model is called only if something must be computed.
+    Sharded without exchange (kto-precompute), the other processes' values are theirs to store
+    and the ReferenceLogps is None. With exchange (training under torch.distributed), rank 0's
+    list of missing values is the one every rank shards, every rank runs as many forward passes
+    as the busiest (ZeRO-3 gathers parameters collectively), and the values are exchanged.
+    call(fn, *args) runs fn(model, *args), e.g. through the DeepSpeed engine."""
     jobs = wanted(splits, kl)
     keys = [[sequence_key(*s) for s in seqs] for _, _, _, seqs in jobs]
     todo = {}
@@ -61,30 +66,42 @@ def reference_pass(get_model: Callable, splits: dict, kl: bool, per_token: bool,
         for k, s in zip(job_keys, job[3]):
             if (cache is None or cache.get(k) is None) and k not in todo:
                 todo[k] = s
+    if exchange:
+        every = {k: s for job, job_keys in zip(jobs, keys) for k, s in zip(job_keys, job[3])}
+        todo = {k: every[k] for k in dist.broadcast(list(todo))}
     reused = len({k for ks in keys for k in ks}) - len(todo)
     mine = list(todo)[shard[0]::shard[1]]
     values = compute(get_model, [todo[k] for k in mine], mine, per_token, batch_size, pad_id, device, autocast,
-                     show_progress)
+                     show_progress, lockstep=exchange, call=call)
     if cache is not None:
         path = cache.put(mine, torch.tensor([values[k][0] for k in mine]), [values[k][1] for k in mine] if per_token else None)
         if path:
             log.info("reference cache: stored %d values in %s", len(mine), path)
-    lookup = (lambda k: values[k] if k in values else cache.get(k))
-    report = {"reused": reused, "computed": len(mine), "damaged_shards": cache.corrupt if cache else 0}
-    if shard[1] > 1:  # the other processes' values are theirs to store; nothing to assemble here
+    report = {"reused": reused, "computed": len(todo) if exchange else len(mine),
+              "damaged_shards": cache.corrupt if cache else 0}
+    if exchange:
+        values = {k: v for part in dist.gather(values) for k, v in part.items()}
+    elif shard[1] > 1:
         return None, report
+    lookup = (lambda k: values[k] if k in values else cache.get(k))
     return assemble(jobs, keys, lookup, per_token), report
 
 
 def compute(get_model, sequences: list, keys: list, per_token: bool, batch_size, pad_id, device, autocast,
-            show_progress) -> dict:
-    """key -> (summed log-prob, per-token log-probs or None) for sequences, on the reference model."""
-    if not sequences:
+            show_progress, lockstep: bool = False, call=None) -> dict:
+    """key -> (summed log-prob, per-token log-probs or None) for sequences, on the reference model.
+    lockstep: every rank joins the same number of forward passes, padding with one-token ones."""
+    if not sequences and not lockstep:
         return {}
     model = get_model()
     model.eval()
+    stats = {"forwards": 0}
     with tqdm(total=len(sequences), desc="reference pass", unit="seq", disable=not show_progress) as bar:
-        seq, tokens, lengths = logps_of(model, sequences, batch_size, pad_id, device, autocast, bar, per_token=per_token)
+        seq, tokens, lengths = logps_of(model, sequences, batch_size, pad_id, device, autocast, bar,
+                                        per_token=per_token, stats=stats, call=call)
+    if lockstep:
+        for _ in range(dist.all_max(stats["forwards"], device) - stats["forwards"]):
+            logps_of(model, [([pad_id], [pad_id])], 1, pad_id, device, autocast, per_token=per_token, call=call)
     return {k: (float(seq[i]), tokens[i, : lengths[i]].clone() if per_token else None) for i, k in enumerate(keys)}
 
 

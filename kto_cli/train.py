@@ -9,7 +9,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,10 +18,12 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from . import objectives
+from . import distributed as dist
+from . import logprobs, objectives
 from . import reference as reference_mod
+from .backend import DeepSpeedBackend, Policy, TorchBackend, accumulation, ds_config
 from .checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import CacheMode, KTOLossConfig, Precision, RunConfig, Schedule, UnpairMode, UserError
+from .config import CacheMode, KTOLossConfig, ModelSource, Precision, RunConfig, UnpairMode, UserError
 from .data import Split, build_splits, collate
 from .logprobs import Logps, completion_logps, packed_batch, packed_logps, packs, to_device
 from .losses import kto_reference_point, pair_wins
@@ -72,29 +73,6 @@ def total_steps(cfg: RunConfig, n_train: int) -> int:
     return t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * n_train / t.batch_size))
 
 
-def lr_lambda(step: int, warmup: int, total: int, schedule: Schedule) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == Schedule.linear:
-        return max(0.0, 1.0 - progress)
-    if schedule == Schedule.cosine:
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return 1.0
-
-
-def make_optimizer(params: list, cfg: RunConfig, steps: int) -> tuple:
-    t = cfg.trainer
-    kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
-    try:  # the fused kernel: 4-6x faster optimizer steps on CPU (SmolLM2-135M: 0.11 s vs 0.5 s)
-        opt = torch.optim.AdamW(params, fused=True, **kwargs)
-    except (RuntimeError, TypeError):  # a device or dtype without a fused kernel
-        opt = torch.optim.AdamW(params, **kwargs)
-    warmup = round(t.warmup_ratio * steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_lambda, warmup=warmup, total=steps, schedule=t.schedule))
-    return opt, sched
-
-
 def batch_indices(step: int, n: int, batch_size: int, seed: int, order=None) -> list:
     """The units of an optimizer step: a stream of per-epoch orders (order(n, seed, epoch), a seeded
     shuffle by default) that depends only on the seed, so a resumed run sees the same batches."""
@@ -142,8 +120,15 @@ def open_cache(cfg: RunConfig, tokenizer) -> Optional[RefCache]:
     if r.cache == CacheMode.off:
         return None
     root = Path(r.cache_dir) if r.cache_dir else cache_root() / "reference"
-    key = model_key(cfg.model, len(tokenizer), cfg.trainer.precision.value)
+    key = model_key(cfg.model, len(tokenizer), precision_tag(cfg))
     return RefCache(root, key, objectives.needs(cfg.loss.name).per_token, writable=r.cache == CacheMode.readwrite)
+
+
+def precision_tag(cfg: RunConfig) -> str:
+    """How the reference values were computed: bf16 autocast over fp32 weights (plain PyTorch) and
+    bf16 weights (DeepSpeed) give different numbers."""
+    p = cfg.trainer.precision.value
+    return f"{p}-weights" if cfg.deepspeed.stage is not None and cfg.trainer.precision == Precision.bf16 else p
 
 
 def fingerprint(cfg: RunConfig) -> str:
@@ -165,8 +150,14 @@ class MetricSums:
             self.sums[k] = self.sums.get(k, 0.0) + float(v.float().sum())
             self.counts[k] = self.counts.get(k, 0) + v.numel()
 
-    def means(self) -> dict:
-        out = {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}
+    def means(self, across_ranks: bool = False) -> dict:
+        """Means over every value added here (and on every rank, with across_ranks: a collective)."""
+        keys = sorted(self.sums)
+        if across_ranks and dist.world() > 1:
+            both = dist.all_sum(torch.tensor([self.sums[k] for k in keys] + [self.counts[k] for k in keys], dtype=torch.float64))
+            self.sums = dict(zip(keys, both[:len(keys)].tolist()))
+            self.counts = dict(zip(keys, both[len(keys):].tolist()))
+        out = {k: self.sums[k] / self.counts[k] for k in keys if self.counts[k]}
         if "rewards/chosen" in out and "rewards/rejected" in out:
             out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
         return out
@@ -182,14 +173,24 @@ def pair_accuracy(split: Split, scores: torch.Tensor) -> Optional[float]:
 
 # ---------------------------------------------------------------- the steps
 
+def logps_and_values(lm, batch: dict, value_head) -> Logps:
+    """ppo: per-token log-probs and the value head on the hidden states that predicted them, in
+    one forward (under ZeRO-3 the value head must run inside the engine's forward too)."""
+    lp = completion_logps(lm, batch, per_token=True, hidden=True)
+    lp.values = value_head(lp.hidden.float()).squeeze(-1)  # (B, L)
+    return lp
+
+
 class Trainer:
     """Holds one run's data, model and optimizer; every loss goes through the same steps, doing
     only the work its Needs (kto_cli/objectives.py) ask for."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
+        self.deepspeed = cfg.deepspeed.stage is not None
         self.device = pick_device(cfg.trainer.device)
-        self.autocast = autocast_for(self.device, cfg.trainer.precision)
+        # under DeepSpeed the engine holds bf16 weights itself; autocast is for plain PyTorch
+        self.autocast = autocast_for(self.device, Precision.fp32 if self.deepspeed else cfg.trainer.precision)
         self.show_progress = cfg.trainer.progress
         self.need = objectives.needs(cfg.loss.name)
         self.value_head = None
@@ -200,6 +201,11 @@ class Trainer:
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
         torch.manual_seed(cfg.trainer.seed)
+        self.start_processes()
+        self.run_dir = Path(dist.broadcast(str(self.run_dir)))  # rank 0's
+        if dist.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         self.tokenizer = load_tokenizer(cfg.model)
         if need.control_tokens:
             self.tokenizer.add_special_tokens({"additional_special_tokens": [cfg.loss.good_token, cfg.loss.bad_token]})
@@ -209,7 +215,7 @@ class Trainer:
         self.params = objectives.hyperparameters(cfg.loss)
         if isinstance(cfg.loss, KTOLossConfig):
             self.params["desirable_weight"], self.params["undesirable_weight"] = kto_weights(cfg.loss, *self.label_counts)
-        self.model = load_model(cfg.model, self.tokenizer).to(self.device)
+        self.model = self.load_model()
         if len(self.tokenizer) > self.model.get_input_embeddings().weight.shape[0]:  # control tokens
             self.model.resize_token_embeddings(len(self.tokenizer))
         if cfg.trainer.gradient_checkpointing:
@@ -220,11 +226,44 @@ class Trainer:
         self.share_prompt = cfg.trainer.shared_prompt and self.packs
         # row capacity of packed batches: 0 = the micro-batch's longest sequence group; None = one per row
         self.capacity = (cfg.trainer.pack_length or 0) if cfg.trainer.packing and self.packs else None
-        self.order = length_grouped(self.unit_lengths("train"), cfg.trainer.micro_batch_size) \
+        self.order = length_grouped(self.unit_lengths("train"), cfg.trainer.micro_batch_size * self.world) \
             if cfg.trainer.group_by_length else None
         self.steps = total_steps(cfg, len(self.units["train"]))
+        policy = Policy(self.model, self.value_head)
+        if self.deepspeed:
+            self.backend = DeepSpeedBackend(policy, cfg, self.steps, self.ds_config)
+            self.model, self.value_head = self.backend.policy.lm, self.backend.policy.value_head
+        else:
+            self.backend = TorchBackend(policy, cfg, self.steps)
         self.ref = self.reference() if need.reference else None
-        self.optimizer, self.scheduler = make_optimizer(self.trainable(), cfg, self.steps)
+
+    def start_processes(self) -> None:
+        """Ranks from the launcher; under DeepSpeed, the process group and this rank's device."""
+        self.rank, local_rank, self.world = dist.env_ranks()
+        if not self.deepspeed:
+            if self.world > 1:
+                raise UserError(f"kto-train runs as {self.world} processes but deepspeed=none trains in one: "
+                                "choose a ZeRO config, e.g. deepspeed=zero2")
+            return
+        from .backend import init_deepspeed_distributed, local_device
+        self.ds_config = ds_config(self.cfg, self.world)  # checks the batch sizes before anything loads
+        init_deepspeed_distributed()
+        self.device = local_device(local_rank)
+        if self.cfg.deepspeed.stage == 3:  # the LM head's calls may not depend on a rank's data
+            logprobs.HEAD_CHUNK = 0
+        if self.rank > 0:  # one copy of each info line: rank 0's
+            log.setLevel(logging.WARNING)
+            self.show_progress = False
+
+    def load_model(self):
+        """The policy; under ZeRO-3 a pretrained one is built already sharded (zero.Init through
+        transformers' HfDeepSpeedConfig), so a model larger than one device's memory loads."""
+        cfg = self.cfg
+        if self.deepspeed and cfg.deepspeed.stage == 3 and cfg.deepspeed.zero_init and cfg.model.source != ModelSource.tiny:
+            from transformers.integrations import HfDeepSpeedConfig
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # transformers holds a weak reference
+        model = load_model(cfg.model, self.tokenizer)
+        return model if self.deepspeed else model.to(self.device)
 
     def load_data(self) -> dict:
         cfg = self.cfg
@@ -240,10 +279,6 @@ class Trainer:
             if held is not None:
                 held.add_control_tokens(good, None)  # evaluated as sampled: conditioned on "good"
         return {"train": train, **({"eval": held} if held is not None else {})}
-
-    def trainable(self) -> list:
-        heads = list(self.value_head.parameters()) if self.value_head is not None else []
-        return [p for p in self.model.parameters() if p.requires_grad] + heads
 
     def unit_lengths(self, name: str) -> list:
         """Tokens of each unit (the longer side of a pair)."""
@@ -266,16 +301,19 @@ class Trainer:
         fp = fingerprint(self.cfg)
         used = {name: (split, self.used_examples(name)) for name, split in self.splits.items()}
         ref = reference_mod.load(path, fp) if self.cfg.trainer.resume else None
-        if ref is not None and all(not ref.get(n)[idx].isnan().any() for n, (_, idx) in used.items()):
+        complete = ref is not None and all(not ref.get(n)[idx].isnan().any() for n, (_, idx) in used.items())
+        if dist.broadcast(complete):  # every rank decides as rank 0 does
             log.info("reference log-probs: reused %s", path)
             return ref
         started = time.perf_counter()
         ref, report = reference_mod.reference_pass(
             lambda: self.model, used, self.need.kl, self.need.per_token, open_cache(self.cfg, self.tokenizer),
-            self.cfg.reference.batch_size, self.pad_id, self.device, self.autocast, self.show_progress)
+            self.cfg.reference.batch_size, self.pad_id, self.device, self.autocast, self.show_progress,
+            shard=(self.rank, self.world), exchange=self.world > 1, call=self.backend)
         log.info("reference log-probs: %d reused from the cache, %d computed", report["reused"], report["computed"])
         self.reference_report = {**report, "seconds": time.perf_counter() - started}
-        reference_mod.save(ref, path, fp)
+        if dist.is_main():
+            reference_mod.save(ref, path, fp)
         return ref
 
     def forward(self, name: str, idx: list, kl: bool = False, source: str = "policy") -> tuple:
@@ -291,34 +329,50 @@ class Trainer:
         with self.autocast(), (torch.no_grad() if kl else contextlib.nullcontext()):
             if self.capacity is not None and not want_tokens:
                 packed = to_device(packed_batch([(p, [c]) for p, c in seqs], self.pad_id, self.capacity), self.device)
-                return packed_logps(self.model, packed, grad_slots=() if kl else (0,))[0], packed["slot_tokens"][0]
+                return self.backend(packed_logps, packed, grad_slots=() if kl else (0,))[0], packed["slot_tokens"][0]
             batch = {k: v.to(self.device) for k, v in collate(seqs, self.pad_id).items()}
-            lp = completion_logps(self.model, batch, per_token=want_tokens, hidden=want_tokens and self.need.value_head)
+            if want_tokens and self.need.value_head:
+                lp = self.backend(logps_and_values, batch, self.value_head)
+            else:
+                lp = self.backend(completion_logps, batch, per_token=want_tokens)
         return lp, int(batch["attention_mask"].sum())
 
-    def shared_forward(self, name: str, idx: list) -> Optional[tuple]:
-        """One row per prompt with its completions, the prompt computed once
-        (logprobs.packed_batch): KTO's example + KL sequence (the KL one without gradient),
-        or a pair's chosen + rejected. Returns (Logps of idx in order, KL log-probs or None, tokens),
-        or None where it does not apply (the sequences keep different prompts after truncation)."""
+    def shared_forward(self, name: str, idx: list) -> tuple:
+        """One forward for two sequences per unit, sharing their prompt's computation
+        (logprobs.packed_batch): KTO's example + KL sequence (the KL one without gradient), or a
+        pair's chosen + rejected. A unit whose two sequences keep different prompts after
+        truncation becomes two groups of the same batch, so every rank runs one forward. Returns
+        (Logps of idx in order, KL log-probs or None, tokens)."""
         split, paired = self.splits[name], self.need.paired
         if paired:
             P = len(idx) // 2
-            groups = [(split.sequence(c), split.sequence(r)) for c, r in zip(idx[:P], idx[P:])]
+            units = [(split.sequence(c), split.sequence(r)) for c, r in zip(idx[:P], idx[P:])]
         else:
-            groups = [(split.sequence(i), split.kl_sequence(i)) for i in idx]
-        if any(a[0] != b[0] for a, b in groups):
-            return None
-        packed = to_device(packed_batch([(a[0], [a[1], b[1]]) for a, b in groups], self.pad_id, self.capacity), self.device)
+            units = [(split.sequence(i), split.kl_sequence(i)) for i in idx]
+        groups, apart = [], []  # apart: (prompt, [no first completion, second completion])
+        for a, b in units:
+            groups.append((a[0], [a[1], b[1]] if a[0] == b[0] else [a[1]]))
+            if a[0] != b[0]:
+                apart.append((b[0], [[], b[1]]))
+        second_at = list(range(len(units)))
+        k = len(units)
+        for u, (a, b) in enumerate(units):
+            if a[0] != b[0]:
+                second_at[u], k = k, k + 1
+        packed = to_device(packed_batch(groups + apart, self.pad_id, self.capacity), self.device)
         with self.autocast():
-            first, second = packed_logps(self.model, packed, grad_slots=(0, 1) if paired else (0,))
+            first, second = self.backend(packed_logps, packed, grad_slots=(0, 1) if paired else (0,))
+        n, at = len(units), torch.tensor(second_at, device=self.device)
+        a_lp = Logps(seq=first.seq[:n], lengths=first.lengths[:n])
+        b_lp = Logps(seq=second.seq[at], lengths=second.lengths[at])
         tokens = sum(packed["slot_tokens"]) if paired else packed["slot_tokens"][0]  # as two separate batches
         if paired:
-            return Logps(seq=torch.cat([first.seq, second.seq]), lengths=torch.cat([first.lengths, second.lengths])), None, tokens
-        return first, second.seq, tokens
+            return Logps(seq=torch.cat([a_lp.seq, b_lp.seq]), lengths=torch.cat([a_lp.lengths, b_lp.lengths])), None, tokens
+        return a_lp, b_lp.seq, tokens
 
-    def micro_step(self, name: str, units: list, source: str = "policy") -> tuple:
-        """(loss, metrics, tokens, example indices, their policy log-probs) of one micro-batch."""
+    def micro_step(self, name: str, units: list, source: str = "policy", across_ranks: bool = True) -> tuple:
+        """(loss, metrics, tokens, example indices, their policy log-probs) of one micro-batch. The
+        KTO reference point sums the KL sequences of every rank's micro-batch (across_ranks)."""
         need, ref = self.need, self.ref
         idx = [u[0] for u in units] + [u[1] for u in units] if need.paired else list(units)
         sharable = self.share_prompt and source == "policy" and (need.kl or need.paired) and not need.per_token
@@ -326,36 +380,40 @@ class Trainer:
         if need.kl:  # the KTO reference point, from the examples' KL partners, without gradient
             kl_logps = shared[1] if shared else self.forward(name, idx, kl=True, source=source)[0].seq  # (B,)
             kl_ratio = kl_logps - ref.get(name, "_kl")[idx].to(self.device)  # (B,)
-            z = kto_reference_point(kl_ratio.sum(), torch.tensor(len(idx), device=self.device))
+            total = torch.stack([kl_ratio.sum().float(), torch.tensor(float(len(idx)), device=self.device)])  # (2,)
+            total = dist.all_sum(total) if across_ranks else total
+            z = kto_reference_point(total[0], total[1])
         lp, tokens = (shared[0], shared[2]) if shared else self.forward(name, idx, source=source)
         ref_logps = {}
         if need.reference:
             ref_logps["seq"] = ref.get(name)[idx].to(self.device)
             if need.per_token:
                 ref_logps["tokens"] = ref.get(name, "_tokens")[idx].to(self.device)
-        values = self.value_head(lp.hidden.float()).squeeze(-1) if need.value_head else None  # (B, L)
+        values = lp.values if need.value_head else None  # (B, L)
         desirable = self.splits[name].desirable(idx).to(self.device)
         loss, metrics = objectives.compute(self.cfg.loss.name, self.params, lp, ref_logps, desirable, z, values)
         return loss, metrics, tokens, idx, lp.seq.detach()
 
     def optimizer_step(self, step: int) -> dict:
+        """One optimizer step on the global batch: with W ranks and micro-batches of m units, round k
+        of the accumulation gives rank r units [(kW + r)m, (kW + r + 1)m) of it, so a run with W
+        ranks computes what one process with micro-batches of W*m computes."""
         t, units = self.cfg.trainer, self.units["train"]
         self.model.train()
         batch = [units[p] for p in batch_indices(step, len(units), t.batch_size, t.seed, self.order)]
-        accum = t.batch_size // t.micro_batch_size
-        sums, tokens, start = MetricSums(), 0, time.perf_counter()
+        accum, m = accumulation(self.cfg, self.world), t.micro_batch_size
+        sums, tokens, start, lr = MetricSums(), 0, time.perf_counter(), self.backend.lr()
         for k in range(accum):
-            loss, metrics, n_tok, _, _ = self.micro_step("train", batch[k * t.micro_batch_size:(k + 1) * t.micro_batch_size])
-            (loss / accum).backward()
+            lo = (k * self.world + self.rank) * m
+            loss, metrics, n_tok, _, _ = self.micro_step("train", batch[lo:lo + m])
+            self.backend.backward(loss, accum)
             sums.add(metrics)
             tokens += n_tok
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable(), t.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.backend.step()
+        tokens = float(dist.all_sum(torch.tensor(float(tokens))))
+        out = sums.means(across_ranks=True)
         elapsed = time.perf_counter() - start
-        return {**sums.means(), "grad_norm": float(grad_norm), "lr": lr, "tokens/s": tokens / elapsed}
+        return {**out, "grad_norm": grad_norm, "lr": lr, "tokens/s": tokens / elapsed}
 
     @torch.no_grad()
     def evaluate(self, initial: bool = False) -> dict:
@@ -368,7 +426,7 @@ class Trainer:
         self.model.eval()
         sums, logps = MetricSums(), torch.full((len(split),), float("nan"))
         for start in range(0, len(units), bs):
-            _, metrics, _, idx, seq = self.micro_step("eval", units[start:start + bs], source)
+            _, metrics, _, idx, seq = self.micro_step("eval", units[start:start + bs], source, across_ranks=False)
             sums.add(metrics)
             logps[idx] = seq.float().cpu()
         missing = logps.isnan().nonzero().squeeze(1).tolist()  # e.g. the rejected side, for sft
@@ -402,9 +460,12 @@ class MetricsLog:
         self.f = open(path, "w", encoding="utf-8")
         self.f.writelines(line + "\n" for line in kept)
 
-    def first(self, split: str) -> dict:
+    @staticmethod
+    def first_in(path: Path, split: str) -> dict:
         """The first logged record of a split, without its prefix ({} if none)."""
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        if not path.is_file():
+            return {}
+        for line in path.read_text(encoding="utf-8").splitlines():
             record = json.loads(line)
             if any(k.startswith(f"{split}/") for k in record):
                 return {k[len(split) + 1:]: v for k, v in record.items() if k.startswith(f"{split}/")}
@@ -420,20 +481,20 @@ class MetricsLog:
 
 
 def train(cfg: RunConfig, run_dir: Path) -> dict:
-    """Runs the whole job in run_dir; returns the summary it also writes to summary.json."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Runs the whole job in run_dir (rank 0's, under several processes); returns the summary it
+    also writes to summary.json. Only rank 0 writes logs, the summary and final/."""
     started = time.perf_counter()
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     tr = Trainer(cfg, run_dir)
     tr.setup()
+    run_dir, main = tr.run_dir, dist.is_main()
     start_step = resume(tr, run_dir)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step) if main else None
     has_eval = "eval" in tr.splits
     if start_step > 0:  # the policy is no longer the initial one: take "before" from the log
-        before = metrics_log.first("eval")
+        before = MetricsLog.first_in(run_dir / "metrics.jsonl", "eval")
     else:
         before = tr.evaluate(initial=True) if has_eval else {}
-        if before:
+        if before and main:
             metrics_log.write(0, "eval", before)
     t = cfg.trainer
     last = {}
@@ -441,29 +502,33 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     with tqdm(total=tr.steps, initial=start_step, desc=cfg.loss.name, unit="step", disable=not tr.show_progress) as bar:
         for step in range(start_step, tr.steps):
             last = tr.optimizer_step(step)
-            if (step + 1) % t.log_every == 0 or step + 1 == tr.steps:
+            if main and ((step + 1) % t.log_every == 0 or step + 1 == tr.steps):
                 metrics_log.write(step + 1, "train", last)
             bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "kl", "rewards/margins") if k in last})
             bar.update(1)
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < tr.steps and has_eval:
-                metrics_log.write(step + 1, "eval", tr.evaluate())
+                evaluated = tr.evaluate()
+                if main:
+                    metrics_log.write(step + 1, "eval", evaluated)
             if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < tr.steps:
-                save_checkpoint(run_dir, step + 1, tr.model, tr.optimizer, tr.scheduler, fingerprint(cfg), tr.value_head)
+                save_checkpoint(run_dir, step + 1, tr.backend, fingerprint(cfg))
     train_time = time.perf_counter() - first_step_at
     after = tr.evaluate() if has_eval else {}
-    if after:
-        metrics_log.write(tr.steps, "eval", after)
-    metrics_log.close()
-    save_checkpoint(run_dir, tr.steps, tr.model, tr.optimizer, tr.scheduler, fingerprint(cfg), tr.value_head)
+    if main:
+        if after:
+            metrics_log.write(tr.steps, "eval", after)
+        metrics_log.close()
+    save_checkpoint(run_dir, tr.steps, tr.backend, fingerprint(cfg))
     if tr.need.control_tokens:
         condition_on_good(tr.tokenizer, cfg.loss.good_token)
-    export_final(run_dir, tr.model, tr.tokenizer, tr.value_head)
+    export_final(run_dir, tr.backend, tr.model, tr.tokenizer)
     ref_report = tr.reference_report or {}
     summary = {"steps": tr.steps, "train_seconds": train_time, "wall_seconds": time.perf_counter() - started,
-               "reference_seconds": ref_report.get("seconds", 0.0), "reference": ref_report,
+               "reference_seconds": ref_report.get("seconds", 0.0), "reference": ref_report, "processes": tr.world,
                "peak_rss_mb": peak_rss_mb(), "last_train": last, "eval_before": before, "eval_after": after}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print_summary(summary, run_dir)
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print_summary(summary, run_dir)
     return summary
 
 
@@ -472,12 +537,11 @@ def resume(tr: Trainer, run_dir: Path) -> int:
     if not spec:
         return 0
     path = latest_checkpoint(run_dir) if spec == "auto" else Path(spec)
+    path = dist.broadcast(path)  # rank 0's view of the run dir decides
     if path is None:
         log.info("trainer.resume=auto: no checkpoint in %s, starting from step 0", run_dir)
         return 0
-    if not (path / "trainer_state.pt").is_file():
-        raise UserError(f"{path}: not a kto-cli checkpoint (no trainer_state.pt)")
-    step = load_checkpoint(path, tr.model, tr.optimizer, tr.scheduler, fingerprint(tr.cfg), tr.value_head)
+    step = load_checkpoint(path, tr.backend, fingerprint(tr.cfg))
     log.info("resumed from %s at step %d", path, step)
     return step
 
@@ -512,14 +576,6 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     print("\n".join(lines), flush=True)
 
 
-def process_shard() -> tuple:
-    """(rank, world size) from torchrun/deepspeed (RANK, WORLD_SIZE) or Slurm (SLURM_PROCID, SLURM_NTASKS)."""
-    env = os.environ
-    rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
-    world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
-    return rank, world
-
-
 def precompute(cfg: RunConfig) -> dict:
     """kto-precompute: fills the shared cache with the reference log-probs of every train and eval
     example (and KL sequence, for kto) that the same overrides would train on. Several processes
@@ -533,11 +589,20 @@ def precompute(cfg: RunConfig) -> dict:
     tr.pad_id = tr.tokenizer.pad_token_id
     tr.splits = tr.load_data()
     used = {name: (split, range(len(split))) for name, split in tr.splits.items()}
-    get_model = lambda: load_model(cfg.model, tr.tokenizer).to(tr.device)  # noqa: E731
+    rank, local_rank, world = dist.env_ranks()
+    if tr.device.type == "cuda" and tr.device.index is None:
+        tr.device = torch.device("cuda", local_rank)  # one GPU per process on a node
     cache = open_cache(cfg, tr.tokenizer)
-    _, report = reference_mod.reference_pass(get_model, used, tr.need.kl, tr.need.per_token, cache,
-                                             cfg.reference.batch_size, tr.pad_id, tr.device, tr.autocast,
-                                             tr.show_progress, shard=process_shard())
+    _, report = reference_mod.reference_pass(lambda: reference_model(cfg, tr), used, tr.need.kl, tr.need.per_token,
+                                             cache, cfg.reference.batch_size, tr.pad_id, tr.device, tr.autocast,
+                                             tr.show_progress, shard=(rank, world))
     print(f"kto-precompute: {report['reused']} values already cached, {report['computed']} computed "
-          f"(process {process_shard()[0]} of {process_shard()[1]}) in {cache.dir}", flush=True)
+          f"(process {rank} of {world}) in {cache.dir}", flush=True)
     return report
+
+
+def reference_model(cfg: RunConfig, tr: Trainer):
+    """The model as training will run it: under DeepSpeed with bf16 the engine holds bf16 weights
+    (not fp32 weights under autocast), so the values match what a training run would compute."""
+    model = load_model(cfg.model, tr.tokenizer).to(tr.device)
+    return model.to(torch.bfloat16) if tr.deepspeed and cfg.trainer.precision == Precision.bf16 else model

@@ -24,7 +24,8 @@ def test_every_shipped_yaml_composes(group, name):
 
 def test_groups_ship_what_the_docs_promise():
     assert {"tiny", "smollm2_135m", "llama7b", "mistral7b", "pythia1b"} <= set(shipped("model"))
-    assert shipped("deepspeed") == ["none"] and "kto" in shipped("loss")
+    assert shipped("deepspeed") == ["none", "zero0", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"]
+    assert "kto" in shipped("loss")
 
 
 def test_default_run_is_smollm2_kto():
@@ -57,3 +58,46 @@ def test_semantic_checks_fail_before_any_model_loads(overrides, words):
     with pytest.raises(UserError, match="invalid config") as e:
         make_config(*overrides)
     assert words in str(e.value)
+
+
+def test_deepspeed_config_comes_from_the_trainer_config():
+    """Batch sizes, accumulation, precision, clipping and the optimizer are set once, in trainer.*;
+    the ZeRO group sets only ZeRO keys."""
+    from kto_cli.backend import ds_config
+    run = make_config("deepspeed=zero3_offload", "trainer.batch_size=32", "trainer.micro_batch_size=4",
+                      "trainer.precision=bf16", "trainer.max_grad_norm=0.5", "trainer.lr=3e-6")
+    c = ds_config(run, world=4)
+    assert (c["train_batch_size"], c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"]) == (32, 4, 2)
+    assert c["bf16"] == {"enabled": True} and c["gradient_clipping"] == 0.5
+    assert c["optimizer"]["params"]["lr"] == 3e-6
+    z = c["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    assert z["stage3_gather_16bit_weights_on_model_save"]
+    with pytest.raises(UserError, match="not a multiple of trainer.micro_batch_size=4 x 3 processes"):
+        ds_config(run, world=3)
+    clash = make_config("deepspeed=zero2", "+deepspeed.extra.gradient_clipping=2.0")
+    with pytest.raises(UserError, match="gradient_clipping"):
+        ds_config(clash, world=1)
+    ok = make_config("deepspeed=zero2", "+deepspeed.extra.comms_logger.enabled=true")
+    assert ds_config(ok, world=1)["comms_logger"] == {"enabled": True}
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["deepspeed=zero2", "deepspeed.offload_param=cpu"], "offload_param needs deepspeed.stage=3"),
+    (["deepspeed=zero3", "deepspeed.stage=4"], "deepspeed.stage must be"),
+    (["deepspeed.offload_optimizer=cpu"], "offload_optimizer needs deepspeed.stage 1, 2 or 3"),
+    (["+deepspeed.extra.comms_logger.enabled=true"], "extra needs a ZeRO stage"),
+])
+def test_inconsistent_deepspeed_configs_fail_at_start(overrides, words):
+    with pytest.raises(UserError, match=words):
+        make_config(*overrides)
+
+
+def test_deepspeed_launcher_argument_does_not_reach_hydra(monkeypatch):
+    from kto_cli.distributed import strip_launcher_args
+    monkeypatch.setenv("LOCAL_RANK", "unset")  # recorded, so teardown restores what was there before
+    monkeypatch.delenv("LOCAL_RANK")
+    assert strip_launcher_args(["kto-train", "--local_rank=1", "model=tiny"]) == ["kto-train", "model=tiny"]
+    import os
+    assert os.environ["LOCAL_RANK"] == "1"
+    assert strip_launcher_args(["kto-train", "--local_rank", "3", "a=b"]) == ["kto-train", "a=b"]

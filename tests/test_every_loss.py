@@ -106,3 +106,22 @@ def test_batch_layouts_change_no_number(tmp_path, loss):
         runs[name] = [r["train/loss"] for r in lines if "train/loss" in r]
     for name in LAYOUTS:
         assert runs[name] == pytest.approx(runs["separate"], abs=1e-5), name
+
+
+@pytest.mark.parametrize("loss", ["kto", "dpo"])
+def test_shared_rows_with_prompts_truncated_differently(tmp_path, loss):
+    """At max_length 86 / max_prompt_length 80 a prompt of 82 tokens is kept whole before a 4-token
+    completion and cut to 80 before a 5-token one, so some examples and their KL sequences (or a
+    pair's two sides) no longer share a prompt: those go into the same forward as two groups. The
+    losses still equal separate forwards."""
+    short = ["dataset.max_length=86", "dataset.max_prompt_length=80"]
+    tr = Trainer(make_config(*TINY, f"loss={loss}", *short), tmp_path / "probe")
+    tr.tokenizer = load_tokenizer(tr.cfg.model)
+    split = tr.load_data()["train"]
+    assert any(split.kl_sequence(i)[0] != split.sequence(i)[0] for i in range(len(split)))
+    runs = {}
+    for name, overrides in (("separate", ["trainer.shared_prompt=false"]), ("shared", [])):
+        train(make_config(*TINY, f"loss={loss}", "trainer.lr=1e-3", *short, *overrides), tmp_path / name)
+        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [r["train/loss"] for r in lines if "train/loss" in r]
+    assert runs["shared"] == pytest.approx(runs["separate"], abs=1e-5)

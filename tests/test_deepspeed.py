@@ -1,0 +1,95 @@
+"""kto-train under DeepSpeed ZeRO for real: two CPU processes (DS_ACCELERATOR=cpu) launched by
+torchrun and by the deepspeed launcher, on the tiny model. The first start on a machine compiles
+DeepSpeed's CPU ops (~2 min, cached in ~/.cache/torch_extensions); later starts take ~15 s.
+
+Two ranks with micro-batches of 2 compute what one process with micro-batches of 4 computes
+(train.Trainer.optimizer_step), KTO's KL estimate included, so the losses must match."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import make_config
+
+pytest.importorskip("deepspeed")
+
+COMMON = ["model=tiny", "trainer.progress=false", "trainer.lr=1e-3", "trainer.warmup_ratio=0",
+          "trainer.schedule=linear", "trainer.batch_size=8", "dataset.max_train_rows=16", "dataset.max_eval_rows=8"]
+
+
+def launch(run_dir, *overrides, launcher="torchrun", timeout=600):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    if launcher == "torchrun":
+        cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29611", "--no-python", "kto-train"]
+    else:  # the deepspeed launcher appends --local_rank=N to the command line
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29612", shutil.which("kto-train")]
+    out = subprocess.run(cmd + [*COMMON, *overrides, f"hydra.run.dir={run_dir}"], env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return out
+
+
+def train_losses(run_dir) -> dict:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["train/loss"], r["train/kl"]) for r in lines if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One plain PyTorch process, micro-batches of 4."""
+    from kto_cli.train import train
+    run_dir = tmp_path_factory.mktemp("single")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KTO_CLI_CACHE", str(run_dir / "cache"))
+        train(make_config(*COMMON, "trainer.max_steps=4", "trainer.micro_batch_size=4"), run_dir)
+    return train_losses(run_dir)
+
+
+@pytest.mark.parametrize("stage", ["zero0", "zero2", "zero3"])
+def test_two_ranks_match_one_process(tmp_path, single, stage):
+    launch(tmp_path, f"deepspeed={stage}", "trainer.max_steps=4", "trainer.micro_batch_size=2")
+    got = train_losses(tmp_path)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step, (loss, kl) in single.items():
+        assert got[step][0] == pytest.approx(loss, abs=2e-5), (stage, step)
+        assert got[step][1] == pytest.approx(kl, abs=2e-5), (stage, step)
+    assert not list(tmp_path.glob("kto-train-rank*")) and (tmp_path / "final" / "config.json").is_file()
+    assert len(list((tmp_path / "metrics.jsonl").read_text().splitlines())) == 4 + 2  # rank 0 alone wrote it
+
+
+def test_zero3_resume_and_consolidated_final(tmp_path):
+    """A zero3 run interrupted after its step-2 checkpoint and resumed logs the same losses as the
+    uninterrupted run; final/ loads in transformers and holds the engine's weights (the fp32
+    master weights of its last checkpoint, gathered from both ranks' shards)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = ["deepspeed=zero3", "trainer.max_steps=4", "trainer.micro_batch_size=2", "trainer.save_every=2"]
+    launch(full, *args, launcher="deepspeed")
+    cut.mkdir()
+    shutil.copytree(full / "checkpoints" / "step_0000002", cut / "checkpoints" / "step_0000002")
+    shutil.copy(full / "reference_logps.safetensors", cut)
+    launch(cut, *args, "trainer.resume=auto")
+    resumed, uninterrupted = train_losses(cut), train_losses(full)
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-6)
+
+    final = AutoModelForCausalLM.from_pretrained(full / "final").state_dict()
+    engine = get_fp32_state_dict_from_zero_checkpoint(str(full / "checkpoints" / "step_0000004"), tag="engine")
+    engine = {k[len("lm."):]: v for k, v in engine.items()}
+    assert set(final) == set(engine)
+    for k in final:
+        torch.testing.assert_close(final[k], engine[k].to(final[k].dtype), rtol=0, atol=0)
+
+
+def test_deepspeed_none_refuses_several_processes(tmp_path):
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    out = subprocess.run([sys.executable, "-m", "kto_cli.cli", "model=tiny", f"hydra.run.dir={tmp_path}"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "deepspeed=none trains in one" in out.stderr
