@@ -32,9 +32,12 @@ def tune_allocator() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 2**30)
 
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint; run again to resume
+
+
 @hydra.main(version_base=None, config_path="pkg://kto_cli.conf", config_name="config")
 def _train(cfg: DictConfig) -> None:
-    from .train import train  # imported late: torch and transformers load slowly
+    from .train import Preempted, train  # imported late: torch and transformers load slowly
 
     try:
         run = to_run_config(cfg)
@@ -45,6 +48,9 @@ def _train(cfg: DictConfig) -> None:
     except UserError as e:
         print(f"kto-train: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        print(f"kto-train: {e}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
 
 
 @hydra.main(version_base=None, config_path="pkg://kto_cli.conf", config_name="config")

@@ -23,8 +23,9 @@ class ModelSource(Enum):
 
 
 class Precision(Enum):
+    auto = "auto"  # bf16 on a GPU that supports it, fp32 elsewhere (resolved at start)
     fp32 = "fp32"
-    bf16 = "bf16"
+    bf16 = "bf16"  # plain PyTorch: bf16 autocast over fp32 weights; DeepSpeed: bf16 weights, fp32 master copy
 
 
 class UnpairMode(Enum):
@@ -174,7 +175,7 @@ class TrainerConfig:
     warmup_ratio: float = 0.1
     schedule: Schedule = Schedule.cosine
     max_grad_norm: float = 1.0
-    precision: Precision = Precision.fp32
+    precision: Precision = Precision.auto
     gradient_checkpointing: bool = False
     # KTO: run each example and its KL sequence as one row sharing the prompt (same numbers, less work)
     shared_prompt: bool = True
@@ -264,7 +265,15 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     except Exception as e:  # MissingMandatoryValue, ValidationError: OmegaConf names the key
         raise UserError(f"invalid config: {e}".splitlines()[0]) from None
     validate(run)
+    if run.trainer.precision == Precision.auto:
+        run.trainer.precision = auto_precision(run.trainer.device)
     return run
+
+
+def auto_precision(device: str) -> "Precision":
+    import torch
+    gpu = device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return Precision.bf16 if gpu else Precision.fp32
 
 
 def _check(ok: bool, message: str) -> None:

@@ -14,6 +14,8 @@ writing the same values produce the same name and leave one valid file. Each sha
 checksum of its tensors; a shard that fails it (truncated, corrupted) is set aside and its values
 are recomputed.
 """
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -82,11 +84,39 @@ class RefCache:
         self.per_token, self.writable = per_token, writable
         self.entries = {}  # key bytes -> (seq value, per-token array or None)
         self.corrupt = 0
+        self.read = set()  # shard names already read
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Reads the shards stored since the last look (by another run of a sweep, say)."""
         if self.dir.is_dir():
             for shard in sorted(self.dir.glob("*.safetensors")):
-                self._read(shard)
+                if shard.name not in self.read:
+                    self._read(shard)
+
+    @contextlib.contextmanager
+    def computing(self):
+        """Held while a run finds the missing values, computes and stores them: runs of a sweep
+        started together wait here, then find the first one's values instead of computing them
+        again. An exclusive flock on a file beside the shards (released if the holder dies)."""
+        if not self.writable:
+            yield
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".computing.lock", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("reference cache: another run is computing values for this model; waiting for it (%s)", self.dir)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                self.refresh()
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def _read(self, shard: Path) -> None:
+        self.read.add(shard.name)
         try:
             arrays = load_file(str(shard))
             with safe_open(str(shard), "np") as f:
@@ -123,6 +153,7 @@ class RefCache:
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         save_file(arrays, str(tmp), metadata={"checksum": checksum})
         os.replace(tmp, path)  # same content, same name: concurrent writers leave one valid file
+        self.read.add(path.name)
         for i, k in enumerate(keys):
             self.entries[k] = (float(arrays["seq"][i]), tokens[i].numpy() if self.per_token else None)
         return path

@@ -5,6 +5,7 @@ with every later run that needs the same values.
 The reference model is the policy's starting point, so a run that must compute anything does it on
 the freshly loaded model before the first step: training never holds a second model.
 """
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, fields
@@ -61,27 +62,33 @@ def reference_pass(get_model: Callable, splits: dict, kl: bool, per_token: bool,
     call(fn, *args) runs fn(model, *args), e.g. through the DeepSpeed engine."""
     jobs = wanted(splits, kl)
     keys = [[sequence_key(*s) for s in seqs] for _, _, _, seqs in jobs]
-    todo = {}
-    for job, job_keys in zip(jobs, keys):
-        for k, s in zip(job_keys, job[3]):
-            if (cache is None or cache.get(k) is None) and k not in todo:
-                todo[k] = s
-    if exchange:
-        every = {k: s for job, job_keys in zip(jobs, keys) for k, s in zip(job_keys, job[3])}
-        todo = {k: every[k] for k in dist.broadcast(list(todo))}
-    reused = len({k for ks in keys for k in ks}) - len(todo)
-    mine = list(todo)[shard[0]::shard[1]]
-    values = compute(get_model, [todo[k] for k in mine], mine, per_token, batch_size, pad_id, device, autocast,
-                     show_progress, lockstep=exchange, call=call)
-    if cache is not None:
-        path = cache.put(mine, torch.tensor([values[k][0] for k in mine]), [values[k][1] for k in mine] if per_token else None)
-        if path:
-            log.info("reference cache: stored %d values in %s", len(mine), path)
+    # one run at a time finds and computes what is missing (sharded precompute processes split the
+    # work instead); under torch.distributed rank 0 holds the lock for all ranks
+    locking = cache is not None and (exchange or shard[1] == 1) and dist.is_main()
+    with cache.computing() if locking else contextlib.nullcontext():
+        todo = {}
+        for job, job_keys in zip(jobs, keys):
+            for k, s in zip(job_keys, job[3]):
+                if (cache is None or cache.get(k) is None) and k not in todo:
+                    todo[k] = s
+        if exchange:
+            every = {k: s for job, job_keys in zip(jobs, keys) for k, s in zip(job_keys, job[3])}
+            todo = {k: every[k] for k in dist.broadcast(list(todo))}
+            if cache is not None and not dist.is_main():
+                cache.refresh()  # what rank 0 found stored (it looked under the lock)
+        reused = len({k for ks in keys for k in ks}) - len(todo)
+        mine = list(todo)[shard[0]::shard[1]]
+        values = compute(get_model, [todo[k] for k in mine], mine, per_token, batch_size, pad_id, device, autocast,
+                         show_progress, lockstep=exchange, call=call)
+        if cache is not None:
+            path = cache.put(mine, torch.tensor([values[k][0] for k in mine]), [values[k][1] for k in mine] if per_token else None)
+            if path:
+                log.info("reference cache: stored %d values in %s", len(mine), path)
+        if exchange:  # every rank has stored its share once this returns
+            values = {k: v for part in dist.gather(values) for k, v in part.items()}
     report = {"reused": reused, "computed": len(todo) if exchange else len(mine),
               "damaged_shards": cache.corrupt if cache else 0}
-    if exchange:
-        values = {k: v for part in dist.gather(values) for k, v in part.items()}
-    elif shard[1] > 1:
+    if shard[1] > 1 and not exchange:
         return None, report
     lookup = (lambda k: values[k] if k in values else cache.get(k))
     return assemble(jobs, keys, lookup, per_token), report

@@ -9,6 +9,8 @@ import hashlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -248,6 +250,10 @@ class Trainer:
         from .backend import init_deepspeed_distributed, local_device
         self.ds_config = ds_config(self.cfg, self.world)  # checks the batch sizes before anything loads
         init_deepspeed_distributed()
+        mine = hashlib.sha256(json.dumps(asdict(self.cfg), sort_keys=True, default=str).encode()).hexdigest()
+        if not all(h == mine for h in dist.gather(mine)):
+            raise UserError("the processes composed different configs (different command lines or config "
+                            "files per node?); every rank must run the same overrides")
         self.device = local_device(local_rank)
         if self.cfg.deepspeed.stage == 3:  # the LM head's calls may not depend on a rank's data
             logprobs.HEAD_CHUNK = 0
@@ -499,7 +505,8 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     t = cfg.trainer
     last = {}
     first_step_at = time.perf_counter()
-    with tqdm(total=tr.steps, initial=start_step, desc=cfg.loss.name, unit="step", disable=not tr.show_progress) as bar:
+    with tqdm(total=tr.steps, initial=start_step, desc=cfg.loss.name, unit="step", disable=not tr.show_progress) as bar, \
+            Preemption() as preemption:
         for step in range(start_step, tr.steps):
             last = tr.optimizer_step(step)
             if main and ((step + 1) % t.log_every == 0 or step + 1 == tr.steps):
@@ -512,6 +519,13 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
                     metrics_log.write(step + 1, "eval", evaluated)
             if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < tr.steps:
                 save_checkpoint(run_dir, step + 1, tr.backend, fingerprint(cfg))
+            if preemption.requested(tr.device) and step + 1 < tr.steps:
+                if not (t.save_every and (step + 1) % t.save_every == 0):
+                    save_checkpoint(run_dir, step + 1, tr.backend, fingerprint(cfg))
+                if main:
+                    metrics_log.close()
+                preemption.hand_over()
+                raise Preempted(step + 1, run_dir, preemption.signal)
     train_time = time.perf_counter() - first_step_at
     after = tr.evaluate() if has_eval else {}
     if main:
@@ -525,11 +539,60 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     ref_report = tr.reference_report or {}
     summary = {"steps": tr.steps, "train_seconds": train_time, "wall_seconds": time.perf_counter() - started,
                "reference_seconds": ref_report.get("seconds", 0.0), "reference": ref_report, "processes": tr.world,
-               "peak_rss_mb": peak_rss_mb(), "last_train": last, "eval_before": before, "eval_after": after}
+               "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(), "last_train": last, "eval_before": before, "eval_after": after}
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary, run_dir)
     return summary
+
+
+class Preempted(Exception):
+    """The run stopped early on a signal, after writing a checkpoint to resume from."""
+
+    def __init__(self, step: int, run_dir: Path, signum: int):
+        super().__init__(f"stopped on {signal.Signals(signum).name} after step {step}; checkpoint "
+                         f"{run_dir / 'checkpoints' / f'step_{step:07d}'}; the same command with "
+                         f"trainer.resume=auto and hydra.run.dir={run_dir} continues from it")
+        self.step = step
+
+
+class Preemption:
+    """Catches the signal Slurm sends before a time limit or a preemption (SIGUSR1 with sbatch
+    --signal=USR1@SECONDS; SIGUSR2 under submitit; SIGTERM at the limit itself): the loop finishes
+    its step, writes a checkpoint and stops (Preempted), so a requeued job resumes from it. With
+    several processes every rank stops at the same step (the flag is reduced over ranks each step)."""
+    SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for s in self.SIGNALS:
+                self.previous[s] = signal.signal(s, self.handle)
+        return self
+
+    def handle(self, signum, frame) -> None:
+        self.signal = signum
+        log.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
+
+    def requested(self, device) -> bool:
+        got = dist.all_max(int(self.signal is not None), device)
+        if got and self.signal is None:
+            self.signal = signal.SIGUSR1  # another rank got it
+        return bool(got)
+
+    def hand_over(self) -> None:
+        """After the checkpoint: a handler that was there before ours (submitit's, which requeues
+        the job) gets the signal too."""
+        previous = self.previous.get(self.signal)
+        if callable(previous):
+            previous(self.signal, None)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        return False
 
 
 def resume(tr: Trainer, run_dir: Path) -> int:
@@ -553,6 +616,11 @@ def condition_on_good(tokenizer, good_token: str) -> None:
         tokenizer.chat_template += "{% if add_generation_prompt %}{{ '" + good_token + "' }}{% endif %}"
     else:
         log.warning("the tokenizer has no chat template: end prompts with %s when sampling from final/", good_token)
+
+
+def peak_gpu_mb() -> Optional[float]:
+    """This process's peak GPU memory held by tensors (None without CUDA)."""
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
 def peak_rss_mb() -> float:
