@@ -93,3 +93,21 @@ def test_deepspeed_none_refuses_several_processes(tmp_path):
     out = subprocess.run([sys.executable, "-m", "kto_cli.cli", "model=tiny", f"hydra.run.dir={tmp_path}"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "deepspeed=none trains in one" in out.stderr
+
+
+def test_srun_style_ranks_from_slurm_variables(tmp_path, single):
+    """Under srun each task has only SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS and the node list:
+    two such processes (started by hand here, no Slurm) find each other and train as two ranks."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost",
+               SLURM_JOB_ID="4321")
+    cmd = ["kto-train", *COMMON, "deepspeed=zero2", "trainer.max_steps=4", "trainer.micro_batch_size=2",
+           f"hydra.run.dir={tmp_path}"]
+    procs = [subprocess.Popen(cmd, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-4000:]
+    got = train_losses(tmp_path)
+    for step, (loss, kl) in single.items():
+        assert got[step] == pytest.approx((loss, kl), abs=2e-5)
