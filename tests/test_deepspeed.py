@@ -38,6 +38,11 @@ def train_losses(run_dir) -> dict:
     return {r["step"]: (r["train/loss"], r["train/kl"]) for r in lines if "train/loss" in r}
 
 
+def final_eval(run_dir) -> dict:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "eval/loss" in r][-1]
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """One plain PyTorch process, micro-batches of 4."""
@@ -46,7 +51,7 @@ def single(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KTO_CLI_CACHE", str(run_dir / "cache"))
         train(make_config(*COMMON, "trainer.max_steps=4", "trainer.micro_batch_size=4"), run_dir)
-    return train_losses(run_dir)
+    return train_losses(run_dir), final_eval(run_dir)
 
 
 @pytest.mark.parametrize("stage", ["zero0", "zero2", "zero3"])
@@ -54,9 +59,12 @@ def test_two_ranks_match_one_process(tmp_path, single, stage):
     launch(tmp_path, f"deepspeed={stage}", "trainer.max_steps=4", "trainer.micro_batch_size=2")
     got = train_losses(tmp_path)
     assert sorted(got) == [1, 2, 3, 4]
-    for step, (loss, kl) in single.items():
+    for step, (loss, kl) in single[0].items():
         assert got[step][0] == pytest.approx(loss, abs=2e-5), (stage, step)
         assert got[step][1] == pytest.approx(kl, abs=2e-5), (stage, step)
+    evaluated = final_eval(tmp_path)  # every rank evaluates the whole held-out split after step 4
+    for key in ("eval/loss", "eval/rewards/margins", "eval/rewards/accuracies", "eval/logps/accuracies"):
+        assert evaluated[key] == pytest.approx(single[1][key], abs=2e-5), key
     assert not list(tmp_path.glob("kto-train-rank*")) and (tmp_path / "final" / "config.json").is_file()
     assert len(list((tmp_path / "metrics.jsonl").read_text().splitlines())) == 4 + 2  # rank 0 alone wrote it
 
@@ -109,5 +117,5 @@ def test_srun_style_ranks_from_slurm_variables(tmp_path, single):
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-4000:]
     got = train_losses(tmp_path)
-    for step, (loss, kl) in single.items():
+    for step, (loss, kl) in single[0].items():
         assert got[step] == pytest.approx((loss, kl), abs=2e-5)
