@@ -148,8 +148,11 @@ class MetricSums:
         self.sums, self.counts = {}, {}
 
     def add(self, metrics: dict) -> None:
-        for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v.float().sum())
+        if not metrics:
+            return
+        sums = torch.stack([v.detach().float().sum() for v in metrics.values()]).tolist()  # one device sync
+        for (k, v), total in zip(metrics.items(), sums):
+            self.sums[k] = self.sums.get(k, 0.0) + total
             self.counts[k] = self.counts.get(k, 0) + v.numel()
 
     def means(self, across_ranks: bool = False) -> dict:
