@@ -159,7 +159,7 @@ class DeepSpeedBackend:
 
     def __init__(self, policy: Policy, cfg: RunConfig, steps: int, config: dict):
         import deepspeed
-        self.cfg, self.stage = cfg, cfg.deepspeed.stage
+        self.stage = cfg.deepspeed.stage
         self.engine, _, _, _ = deepspeed.initialize(
             model=policy, model_parameters=[p for p in policy.parameters() if p.requires_grad], config=config,
             lr_scheduler=lambda opt: make_scheduler(opt, cfg, steps))

@@ -8,7 +8,6 @@ code path.
 """
 import os
 import subprocess
-import sys
 from typing import Any
 
 import torch
@@ -78,18 +77,19 @@ def is_main() -> bool:
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (a copy; the input is left alone)."""
+    """Sum over ranks, on t's device (a copy; the input is left alone). NCCL reduces GPU tensors
+    only, so the reduction runs on the backend's device."""
     if world() == 1:
         return t
-    t = t.clone()
-    torch.distributed.all_reduce(t)
-    return t
+    out = t.to(_comm_device(), copy=True)
+    torch.distributed.all_reduce(out)
+    return out.to(t.device)
 
 
-def all_max(n: int, device) -> int:
+def all_max(n: int) -> int:
     if world() == 1:
         return n
-    t = torch.tensor([n], dtype=torch.long, device=device)
+    t = torch.tensor([n], dtype=torch.long, device=_comm_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t)
 
@@ -99,7 +99,7 @@ def broadcast(obj: Any) -> Any:
     if world() == 1:
         return obj
     box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0, device=_object_device())
+    torch.distributed.broadcast_object_list(box, src=0, device=_comm_device())
     return box[0]
 
 
@@ -117,10 +117,8 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def _object_device():
-    return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else None
-
-
-def launched_as() -> str:
-    """For error messages: how this process was started."""
-    return " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
+def _comm_device() -> torch.device:
+    """Where the process group's tensors must be: this rank's GPU under NCCL, else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

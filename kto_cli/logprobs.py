@@ -128,10 +128,11 @@ def _logps_by_prompt(call, sequences: list, batch_size: int, pad_id: int, device
         with autocast():
             slots = call(packed_logps, packed, grad_slots=())
         stats["forwards"] += 1
+        slot_seq = [s.seq.float().cpu() for s in slots]  # one copy per slot, not one per sequence
+        slot_len = [s.lengths.cpu() for s in slots]
         for b, (_, idx) in enumerate(chunk):
             for j, i in enumerate(idx):
-                seq[i] = slots[j].seq[b].float().cpu()
-                lengths[i] = slots[j].lengths[b].cpu()
+                seq[i], lengths[i] = slot_seq[j][b], slot_len[j][b]
         if progress is not None:
             progress.update(sum(len(idx) for _, idx in chunk))
     return seq, None, lengths

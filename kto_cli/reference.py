@@ -107,7 +107,7 @@ def compute(get_model, sequences: list, keys: list, per_token: bool, batch_size,
         seq, tokens, lengths = logps_of(model, sequences, batch_size, pad_id, device, autocast, bar,
                                         per_token=per_token, stats=stats, call=call)
     if lockstep:
-        for _ in range(dist.all_max(stats["forwards"], device) - stats["forwards"]):
+        for _ in range(dist.all_max(stats["forwards"]) - stats["forwards"]):
             logps_of(model, [([pad_id], [pad_id])], 1, pad_id, device, autocast, per_token=per_token, call=call)
     return {k: (float(seq[i]), tokens[i, : lengths[i]].clone() if per_token else None) for i, k in enumerate(keys)}
 

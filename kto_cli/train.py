@@ -133,10 +133,15 @@ def precision_tag(cfg: RunConfig) -> str:
     return f"{p}-weights" if cfg.deepspeed.stage is not None and cfg.trainer.precision == Precision.bf16 else p
 
 
+def config_digest(cfg: RunConfig, groups: tuple = ()) -> str:
+    """A hash of the config (of only these groups, when given)."""
+    keep = {k: v for k, v in asdict(cfg).items() if not groups or k in groups}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def fingerprint(cfg: RunConfig) -> str:
     """What a checkpoint must agree with to be resumed (not the step counts or logging)."""
-    keep = {k: v for k, v in asdict(cfg).items() if k in ("model", "dataset", "loss")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return config_digest(cfg, ("model", "dataset", "loss"))
 
 
 # ---------------------------------------------------------------- metrics
@@ -253,7 +258,7 @@ class Trainer:
         from .backend import init_deepspeed_distributed, local_device
         self.ds_config = ds_config(self.cfg, self.world)  # checks the batch sizes before anything loads
         init_deepspeed_distributed()
-        mine = hashlib.sha256(json.dumps(asdict(self.cfg), sort_keys=True, default=str).encode()).hexdigest()
+        mine = config_digest(self.cfg)
         if not all(h == mine for h in dist.gather(mine)):
             raise UserError("the processes composed different configs (different command lines or config "
                             "files per node?); every rank must run the same overrides")
@@ -358,26 +363,22 @@ class Trainer:
             units = [(split.sequence(c), split.sequence(r)) for c, r in zip(idx[:P], idx[P:])]
         else:
             units = [(split.sequence(i), split.kl_sequence(i)) for i in idx]
-        groups, apart = [], []  # apart: (prompt, [no first completion, second completion])
-        for a, b in units:
-            groups.append((a[0], [a[1], b[1]] if a[0] == b[0] else [a[1]]))
-            if a[0] != b[0]:
-                apart.append((b[0], [[], b[1]]))
-        second_at = list(range(len(units)))
-        k = len(units)
+        groups, apart, second_at = [], [], []  # apart: (prompt, [no first completion, second completion])
         for u, (a, b) in enumerate(units):
-            if a[0] != b[0]:
-                second_at[u], k = k, k + 1
+            same = a[0] == b[0]
+            groups.append((a[0], [a[1], b[1]] if same else [a[1]]))
+            second_at.append(u if same else len(units) + len(apart))  # the group holding b
+            if not same:
+                apart.append((b[0], [[], b[1]]))
         packed = to_device(packed_batch(groups + apart, self.pad_id, self.capacity), self.device)
         with self.autocast():
             first, second = self.backend(packed_logps, packed, grad_slots=(0, 1) if paired else (0,))
         n, at = len(units), torch.tensor(second_at, device=self.device)
-        a_lp = Logps(seq=first.seq[:n], lengths=first.lengths[:n])
-        b_lp = Logps(seq=second.seq[at], lengths=second.lengths[at])
         tokens = sum(packed["slot_tokens"]) if paired else packed["slot_tokens"][0]  # as two separate batches
         if paired:
-            return Logps(seq=torch.cat([a_lp.seq, b_lp.seq]), lengths=torch.cat([a_lp.lengths, b_lp.lengths])), None, tokens
-        return a_lp, b_lp.seq, tokens
+            return Logps(seq=torch.cat([first.seq[:n], second.seq[at]]),
+                         lengths=torch.cat([first.lengths[:n], second.lengths[at]])), None, tokens
+        return Logps(seq=first.seq[:n], lengths=first.lengths[:n]), second.seq[at], tokens
 
     def micro_step(self, name: str, units: list, source: str = "policy", across_ranks: bool = True) -> tuple:
         """(loss, metrics, tokens, example indices, their policy log-probs) of one micro-batch. The
@@ -522,7 +523,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
                     metrics_log.write(step + 1, "eval", evaluated)
             if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < tr.steps:
                 save_checkpoint(run_dir, step + 1, tr.backend, fingerprint(cfg))
-            if preemption.requested(tr.device) and step + 1 < tr.steps:
+            if preemption.requested() and step + 1 < tr.steps:
                 if not (t.save_every and (step + 1) % t.save_every == 0):
                     save_checkpoint(run_dir, step + 1, tr.backend, fingerprint(cfg))
                 if main:
@@ -579,8 +580,8 @@ class Preemption:
         self.signal = signum
         log.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
 
-    def requested(self, device) -> bool:
-        got = dist.all_max(int(self.signal is not None), device)
+    def requested(self) -> bool:
+        got = dist.all_max(int(self.signal is not None))
         if got and self.signal is None:
             self.signal = signal.SIGUSR1  # another rank got it
         return bool(got)
