@@ -33,6 +33,18 @@ class UnpairMode(Enum):
     one = "one"  # one completion per prompt, chosen or rejected at random (seeded)
 
 
+class AttnImplementation(Enum):
+    eager = "eager"
+    sdpa = "sdpa"
+    flex_attention = "flex_attention"
+    flash_attention_2 = "flash_attention_2"
+
+
+class KLPartners(Enum):
+    derangement = "derangement"  # a seeded derangement of the whole split, preferring other prompts
+    rotate = "rotate"  # TRL's: in each block of trainer.micro_batch_size rows, row k takes row k-1's completion
+
+
 class Schedule(Enum):
     constant = "constant"
     linear = "linear"
@@ -60,6 +72,11 @@ class ModelConfig:
     revision: Optional[str] = None
     trust_remote_code: bool = False
     use_chat_template: bool = True  # render prompts with the tokenizer's template when it has one
+    # The attention kernel; null: the one transformers picks for the model.
+    attn_implementation: Optional[AttnImplementation] = None
+    # Run the LM head only at completion positions (with the family's logit post-processing); false:
+    # the model's own forward with full logits, for a family whose post-processing kto-cli lacks.
+    sparse_head: bool = True
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
@@ -82,6 +99,7 @@ class DatasetConfig:
     max_prompt_length: int = 256
     skip_bad_rows: bool = False  # when true, bad rows are counted and skipped instead of fatal
     seed: int = 0  # unpairing, subsampling, held-out split and KL partners
+    kl_partners: KLPartners = KLPartners.derangement  # which completion each example's KL sequence takes
 
 
 @dataclass
@@ -164,6 +182,8 @@ class PPOLossConfig(LossConfig):
 @dataclass
 class TrainerConfig:
     seed: int = 0
+    # false: every epoch visits the examples in data order (TRL's KTOTrainer order, for comparisons)
+    shuffle: bool = True
     batch_size: int = 8  # examples per optimizer step
     micro_batch_size: int = 8  # examples per forward; batch_size / micro_batch_size = accumulation
     max_steps: Optional[int] = None  # when null, `epochs` passes over the training examples

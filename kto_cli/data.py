@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .config import DatasetConfig, UnpairMode, UserError
+from .config import DatasetConfig, KLPartners, UnpairMode, UserError
 
 Text = Union[str, list]  # plain text, or a list of chat messages
 
@@ -41,16 +41,19 @@ class Split:
     kl_partner: list  # list[int]: example i's KL sequence is (prompt i, completion kl_partner[i])
     max_length: int
     max_prompt_length: int
+    prompt_head: list  # list[int]: tokens of each prompt that truncation keeps (BOS, template header)
 
     def __len__(self):
         return len(self.examples)
 
     def sequence(self, i: int) -> tuple:
-        return truncate(self.prompt_ids[i], self.completion_ids[i], self.max_length, self.max_prompt_length)
+        return truncate(self.prompt_ids[i], self.completion_ids[i], self.max_length, self.max_prompt_length,
+                        self.prompt_head[i])
 
     def kl_sequence(self, i: int) -> tuple:
         j = self.kl_partner[i]
-        return truncate(self.prompt_ids[i], self.completion_ids[j], self.max_length, self.max_prompt_length)
+        return truncate(self.prompt_ids[i], self.completion_ids[j], self.max_length, self.max_prompt_length,
+                        self.prompt_head[i])
 
     def desirable(self, idx) -> torch.Tensor:
         return torch.tensor([self.examples[i].desirable for i in idx], dtype=torch.bool)
@@ -204,17 +207,14 @@ def load_examples(spec: str, split: str, skip_bad_rows: bool, max_rows: Optional
 
 
 def unpair_one(examples: list, seed: int) -> list:
-    """One y per x: of each pair keeps the chosen or the rejected example, at random (seeded)."""
+    """One y per x: of each prompt's completions (a pair's two sides, or several rows of one
+    prompt) keeps one, desirable or undesirable, at random (seeded)."""
     rng = random.Random(seed)
-    drop = set()
-    by_pair = {}
+    by_prompt = {}
     for i, e in enumerate(examples):
-        if e.pair_id is not None:
-            by_pair.setdefault(e.pair_id, []).append(i)
-    for idx in by_pair.values():
-        if len(idx) == 2:
-            drop.add(idx[rng.randrange(2)])
-    return [e for i, e in enumerate(examples) if i not in drop]
+        by_prompt.setdefault(prompt_key(e.prompt), []).append(i)
+    keep = {idx[rng.randrange(len(idx))] for idx in by_prompt.values()}
+    return [e for i, e in enumerate(examples) if i in keep]
 
 
 def pair_by_prompt(examples: list) -> list:
@@ -282,11 +282,19 @@ def kl_partners(keys: list, seed: int) -> list:
     return p
 
 
+def rotated_partners(n: int, block: int) -> list:
+    """TRL KTOTrainer's KL pairs: in each block of `block` consecutive examples, example k takes the
+    completion of example k-1, the first one the last one's."""
+    return [i - 1 if i % block else min(i + block, n) - 1 for i in range(n)]
+
+
 # ---------------------------------------------------------------- tokenizing
 
 def render(example: Example, tokenizer, use_chat_template: bool) -> tuple:
-    """(prompt text, completion text). With a chat template the completion is what the template
-    adds after the generation prompt, end-of-turn tokens included."""
+    """(prompt text, completion text, length of the prompt's header in characters). With a chat
+    template the completion is what the template adds after the generation prompt, end-of-turn
+    tokens included, and the header is what precedes the first message's content (BOS, system
+    prompt, role markers)."""
     if use_chat_template and getattr(tokenizer, "chat_template", None):
         prompt = example.prompt if isinstance(example.prompt, list) else [{"role": "user", "content": example.prompt}]
         completion = example.completion if isinstance(example.completion, list) else [
@@ -296,33 +304,52 @@ def render(example: Example, tokenizer, use_chat_template: bool) -> tuple:
         if not full.startswith(p):
             raise UserError(f"{example.where}: the tokenizer's chat template renders the prompt differently "
                             "alone and with its completion; set model.use_chat_template=false")
-        return p, full[len(p):]
-    prompt = _flatten(example.prompt)
+        first = prompt[0]["content"] if prompt else ""
+        return p, full[len(p):], max(0, p.find(first)) if first else 0
     bos = tokenizer.bos_token or ""
-    return bos + prompt, _flatten(example.completion) + (tokenizer.eos_token or "")
+    return bos + _flatten(example.prompt), _flatten(example.completion) + (tokenizer.eos_token or ""), len(bos)
 
 
 def _flatten(text: Text) -> str:
     return text if isinstance(text, str) else "\n".join(m["content"] for m in text)
 
 
-def truncate(prompt: list, completion: list, max_length: int, max_prompt_length: int) -> tuple:
-    """Keeps the end of the prompt and the start of the completion (HALOs/TRL convention)."""
-    if len(prompt) + len(completion) > max_length:
-        prompt = prompt[-max_prompt_length:]
-        completion = completion[: max_length - len(prompt)]
-    return prompt, completion
+def truncate(prompt: list, completion: list, max_length: int, max_prompt_length: int, head: int = 0) -> tuple:
+    """A prompt's truncation depends on the prompt alone, so all its completions (a pair's two sides,
+    an example and its KL sequence) are conditioned on the same tokens: a prompt over
+    max_prompt_length keeps its first `head` tokens (BOS, the template's header; at most half the
+    budget) and its end. The completion keeps its start, within max_length."""
+    if len(prompt) > max_prompt_length:
+        head = min(head, max_prompt_length // 2)
+        prompt = prompt[:head] + prompt[len(prompt) - (max_prompt_length - head):]
+    return prompt, completion[: max_length - len(prompt)]
 
 
-def tokenize(examples: list, tokenizer, use_chat_template: bool, cfg: DatasetConfig, seed: int) -> Split:
+def header_tokens(tokenizer, texts: list, header_chars: list, ids: list) -> list:
+    """How many of each text's tokens lie wholly within its first header_chars characters."""
+    if not any(header_chars):
+        return [0] * len(texts)
+    if getattr(tokenizer, "is_fast", False):
+        spans = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return [sum(1 for _, end in span if end <= h) for span, h in zip(spans, header_chars)]
+    heads = tokenizer([t[:h] for t, h in zip(texts, header_chars)], add_special_tokens=False)["input_ids"]
+    return [len(h) if p[:len(h)] == h else 0 for h, p in zip(heads, ids)]
+
+
+def tokenize(examples: list, tokenizer, use_chat_template: bool, cfg: DatasetConfig, seed: int,
+             kl_block: int = 1) -> Split:
     rendered = [render(e, tokenizer, use_chat_template) for e in examples]
     enc = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prompt_ids, completion_ids = enc([p for p, _ in rendered]), enc([c for _, c in rendered])
+    prompt_ids, completion_ids = enc([p for p, _, _ in rendered]), enc([c for _, c, _ in rendered])
     for e, c in zip(examples, completion_ids):
         if not c:
             raise UserError(f"{e.where}: the completion has no tokens")
-    keys = [hashlib.sha1(repr(p).encode()).hexdigest() for p in prompt_ids]
-    return Split(examples, prompt_ids, completion_ids, kl_partners(keys, seed), cfg.max_length, cfg.max_prompt_length)
+    heads = header_tokens(tokenizer, [p for p, _, _ in rendered], [h for _, _, h in rendered], prompt_ids)
+    if cfg.kl_partners == KLPartners.rotate:
+        partners = rotated_partners(len(examples), kl_block)
+    else:
+        partners = kl_partners([hashlib.sha1(repr(p).encode()).hexdigest() for p in prompt_ids], seed)
+    return Split(examples, prompt_ids, completion_ids, partners, cfg.max_length, cfg.max_prompt_length, heads)
 
 
 # ---------------------------------------------------------------- collating
@@ -344,9 +371,10 @@ def collate(sequences: list, pad_id: int) -> dict:
 
 # ---------------------------------------------------------------- the whole path
 
-def build_splits(cfg: DatasetConfig, tokenizer, use_chat_template: bool) -> tuple:
+def build_splits(cfg: DatasetConfig, tokenizer, use_chat_template: bool, kl_block: int = 1) -> tuple:
     """(train Split, eval Split or None, report dict). The eval split keeps both sides of each
-    pair (and is never subsampled), so held-out accuracy compares chosen with rejected."""
+    pair (and is never subsampled), so held-out accuracy compares chosen with rejected.
+    kl_block: the block size of dataset.kl_partners=rotate (TRL's per-device batch)."""
     train, skipped = load_examples(cfg.train, cfg.train_split, cfg.skip_bad_rows, cfg.max_train_rows)
     evals = []
     if cfg.eval:
@@ -363,6 +391,6 @@ def build_splits(cfg: DatasetConfig, tokenizer, use_chat_template: bool) -> tupl
         raise UserError(f"{cfg.train}: no training examples left after subsampling")
     report = {"train": len(train), "eval": len(evals), "skipped_rows": skipped,
               "desirable": sum(e.desirable for e in train), "undesirable": sum(not e.desirable for e in train)}
-    train_split = tokenize(train, tokenizer, use_chat_template, cfg, cfg.seed)
-    eval_split = tokenize(evals, tokenizer, use_chat_template, cfg, cfg.seed + 1) if evals else None
+    train_split = tokenize(train, tokenizer, use_chat_template, cfg, cfg.seed, kl_block)
+    eval_split = tokenize(evals, tokenizer, use_chat_template, cfg, cfg.seed + 1, kl_block) if evals else None
     return train_split, eval_split, report

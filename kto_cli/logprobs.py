@@ -2,9 +2,16 @@
 
 KTO and DPO need log pi(y_t | x, y_<t) only where y_t is a completion token, so the LM head (a
 vocabulary-sized matmul and log-softmax) runs only at the positions that predict one, in chunks:
-no float32 log-softmax over the vocabulary is materialised for the whole batch.
+no float32 log-softmax over the vocabulary is materialised for the whole batch. Families that
+post-process their logits (soft-capping, scaling) get the same post-processing here
+(`logit_transform`); `model.sparse_head=false` runs the model's own full forward instead.
+
+Rows that share a prompt or pack several sequences (`packed_batch`) pass a 4D mask, which
+transformers hands to the attention kernel unchanged: `attention_mask_for` gives each kernel the
+form it reads (boolean for sdpa, additive for eager, a BlockMask for flex attention).
 """
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,6 +20,19 @@ import torch
 # Rows of hidden states sent through the LM head at once; 0: all in one call (set under ZeRO-3,
 # where the number of calls must not depend on a rank's data).
 HEAD_CHUNK = 1024
+
+# Attention kernels that read a custom 4D mask (shared-prompt and packed rows).
+MASKED_KERNELS = ("sdpa", "eager", "flex_attention")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How sequences become rows: sequences that share a prompt in one row (shared_prompt), several
+    groups per row up to `capacity` tokens (packing; 0: the batch's longest group; None: off), and
+    whether the LM head runs only at completion positions (the default) or everywhere."""
+    shared_prompt: bool = True
+    capacity: Optional[int] = None
+    full_logits: bool = False
 
 
 @dataclass
@@ -25,27 +45,112 @@ class Logps:
     values: Optional[torch.Tensor] = None  # (B, L) a value head's estimates at those positions (ppo)
 
 
-def supports_sparse_head(model) -> bool:
-    """Models whose logits are not a plain linear map of the last hidden state need the full path."""
-    c = model.config
-    return (getattr(c, "final_logit_softcapping", None) is None and getattr(c, "logit_scale", None) is None
-            and model.get_output_embeddings() is not None)
+def _config_value(config, name: str):
+    """A config attribute, also looked up in a multimodal model's text_config."""
+    value = getattr(config, name, None)
+    text = getattr(config, "text_config", None)
+    return value if value is not None or text is None else getattr(text, name, None)
 
 
-def completion_logps(model, batch: dict, per_token: bool = False, hidden: bool = False) -> Logps:
-    """log pi(token | prefix) of the completion tokens of a collated batch."""
+def logit_transform(config) -> tuple:
+    """(scale, cap): the family's post-processing of lm_head's output, logits * scale, then
+    cap * tanh(logits / cap) when cap is set. Granite divides by `logits_scaling`, Cohere multiplies
+    by `logit_scale`, Falcon-H1 by `lm_head_multiplier`, Gemma 2/3 soft-cap."""
+    scale = 1.0
+    for name, inverse in (("logits_scaling", True), ("logit_scale", False), ("lm_head_multiplier", False)):
+        value = _config_value(config, name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            scale = scale / value if inverse else scale * value
+    return scale, _config_value(config, "final_logit_softcapping")
+
+
+def head_logps(head, hidden: torch.Tensor, labels: torch.Tensor, transform: tuple = (1.0, None)) -> torch.Tensor:
+    """log softmax(transform(head(hidden)))[label] for each row, computed HEAD_CHUNK rows at a time
+    (all at once when HEAD_CHUNK is 0). The head runs at least once, on zero rows if need be: under
+    ZeRO-3 every rank must call each module the same number of times. (N,)"""
+    scale, cap = transform
+    chunk = HEAD_CHUNK or max(1, hidden.shape[0])
+    parts = []
+    for start in range(0, max(1, hidden.shape[0]), chunk):
+        logits = head(hidden[start:start + chunk]).float()  # (n, V)
+        if scale != 1.0:
+            logits = logits * scale
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        lab = labels[start:start + chunk, None]  # (n, 1)
+        parts.append(logits.gather(1, lab).squeeze(1) - torch.logsumexp(logits, dim=-1))  # (n,)
+    return torch.cat(parts)
+
+
+def attention_mask_for(model, mask: torch.Tensor):
+    """A (B, 1, L, L) boolean mask (True: may attend) in the form the model's attention kernel
+    reads: transformers passes 4D masks through as they are, and eager attention (and flex's
+    score_mod) *adds* the mask to the scores, so a boolean one would add 0/1 instead of -inf."""
+    kernel = attention_kernel(model)
+    if kernel == "sdpa":
+        return mask
+    if kernel == "eager":
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    if kernel == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+        dense = mask[:, 0]  # (B, L, L)
+        return create_block_mask(lambda b, h, q, kv: dense[b, q, kv], dense.shape[0], None, dense.shape[1],
+                                 dense.shape[2], device=mask.device)
+    raise ValueError(f"attention kernel {kernel!r} cannot read a custom 4D mask")
+
+
+def attention_kernel(model) -> str:
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def sliding_window(config) -> Optional[int]:
+    """The smallest attention window some layer uses (None: every layer attends to everything)."""
+    window = _config_value(config, "sliding_window")
+    if not window:
+        return None
+    types = _config_value(config, "layer_types")
+    if types is not None and not any("sliding" in t for t in types):
+        return None
+    if _config_value(config, "use_sliding_window") is False:
+        return None
+    return int(window)
+
+
+def layout_problem(model, max_length: int) -> Optional[str]:
+    """Why rows with a custom 4D mask (shared prompts, packing) would not give a plain forward's
+    numbers for this model, or None when they do."""
+    kernel = attention_kernel(model)
+    if kernel not in MASKED_KERNELS:
+        return f"attention kernel {kernel} reads no custom 4D mask"
+    window = sliding_window(model.config)
+    if window is not None and window < max_length:
+        return (f"its sliding attention window ({window} tokens) is shorter than dataset.max_length={max_length}, "
+                "and a custom mask replaces the window")
+    return None
+
+
+def _token_logps(model, inputs: dict, rows: torch.Tensor, cols: torch.Tensor, labels: torch.Tensor,
+                 full_logits: bool, want_hidden: bool = False) -> tuple:
+    """(log-probs (N,) of labels predicted at positions (rows, cols), the hidden states there or
+    None). The sparse path runs the LM head at those positions only."""
+    if not full_logits and model.get_output_embeddings() is not None:
+        h = model.base_model(**inputs).last_hidden_state[rows, cols]  # (N, H)
+        return head_logps(model.get_output_embeddings(), h, labels, logit_transform(model.config)), h
+    out = model(**inputs, output_hidden_states=want_hidden)
+    h = out.hidden_states[-1][rows, cols] if want_hidden else None
+    return head_logps(lambda x: x, out.logits[rows, cols], labels), h
+
+
+def completion_logps(model, batch: dict, per_token: bool = False, hidden: bool = False,
+                     full_logits: bool = False) -> Logps:
+    """log pi(token | prefix) of the completion tokens of a collated (right-padded) batch."""
     input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]  # (B, T)
     targets = completion_mask[:, 1:]  # (B, T-1): position t predicts token t+1
     rows, cols = targets.nonzero(as_tuple=True)  # (N,), (N,)
     labels = input_ids[rows, cols + 1]  # (N,)
-    if supports_sparse_head(model):
-        h = model.base_model(input_ids=input_ids, attention_mask=batch["attention_mask"]).last_hidden_state
-        h = h[rows, cols]  # (N, H)
-        token_logps = head_logps(model.get_output_embeddings(), h, labels)  # (N,)
-    else:
-        out = model(input_ids=input_ids, attention_mask=batch["attention_mask"], output_hidden_states=hidden)
-        h = out.hidden_states[-1][rows, cols] if hidden else None
-        token_logps = head_logps(lambda x: x, out.logits[rows, cols], labels)
+    inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"]}
+    token_logps, h = _token_logps(model, inputs, rows, cols, labels, full_logits, want_hidden=hidden)
     B = input_ids.shape[0]
     seq = torch.zeros(B, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)  # (B,)
     lengths = targets.sum(1)  # (B,)
@@ -60,22 +165,9 @@ def completion_logps(model, batch: dict, per_token: bool = False, hidden: bool =
     return result
 
 
-def head_logps(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(head(hidden))[label] for each row, computed HEAD_CHUNK rows at a time (all at
-    once when HEAD_CHUNK is 0). The head runs at least once, on zero rows if need be: under ZeRO-3
-    every rank must call each module the same number of times. (N,)"""
-    chunk = HEAD_CHUNK or max(1, hidden.shape[0])
-    parts = []
-    for start in range(0, max(1, hidden.shape[0]), chunk):
-        logits = head(hidden[start:start + chunk]).float()  # (n, V)
-        lab = labels[start:start + chunk, None]  # (n, 1)
-        parts.append(logits.gather(1, lab).squeeze(1) - torch.logsumexp(logits, dim=-1))  # (n,)
-    return torch.cat(parts)
-
-
 @torch.no_grad()
 def logps_of(model, sequences: list, batch_size: int, pad_id: int, device, autocast, progress=None,
-             per_token: bool = False, stats: Optional[dict] = None, call=None) -> tuple:
+             per_token: bool = False, stats: Optional[dict] = None, call=None, layout: Layout = Layout()) -> tuple:
     """Completion log-probs for many (prompt ids, completion ids) pairs, batched by length so little
     padding is computed, returned in the order given, on CPU: (seq (N,), tokens (N, L) or None,
     lengths (N,) of the scored completion tokens). stats["forwards"] counts the forward passes;
@@ -85,8 +177,9 @@ def logps_of(model, sequences: list, batch_size: int, pad_id: int, device, autoc
     call = call or (lambda fn, *args, **kwargs: fn(model, *args, **kwargs))
     from .data import collate
 
-    if not per_token and packs(model):
-        return _logps_by_prompt(call, sequences, batch_size, pad_id, device, autocast, progress, stats)
+    longest = max((len(p) + len(c) for p, c in sequences), default=0)
+    if not per_token and layout.shared_prompt and not layout_problem(model, longest):
+        return _logps_by_prompt(call, sequences, batch_size, pad_id, device, autocast, progress, stats, layout)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
     seq = torch.empty(len(sequences), dtype=torch.float32)
     lengths = torch.zeros(len(sequences), dtype=torch.long)
@@ -95,7 +188,7 @@ def logps_of(model, sequences: list, batch_size: int, pad_id: int, device, autoc
         idx = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate([sequences[i] for i in idx], pad_id).items()}
         with autocast():
-            lp = call(completion_logps, batch, per_token=per_token)
+            lp = call(completion_logps, batch, per_token=per_token, full_logits=layout.full_logits)
         stats["forwards"] += 1
         seq[idx] = lp.seq.float().cpu()
         lengths[idx] = lp.lengths.cpu()
@@ -110,7 +203,8 @@ MAX_SHARED = 8  # completions packed behind one prompt in a row
 
 
 @torch.no_grad()
-def _logps_by_prompt(call, sequences: list, batch_size: int, pad_id: int, device, autocast, progress, stats) -> tuple:
+def _logps_by_prompt(call, sequences: list, batch_size: int, pad_id: int, device, autocast, progress, stats,
+                     layout: Layout) -> tuple:
     """logps_of for sequences that share prompts (an example, its pair sibling and their KL
     sequences all start with the same prompt): each row holds a prompt and up to MAX_SHARED of its
     completions (packed_batch), so the prompt is computed once for all of them."""
@@ -126,7 +220,7 @@ def _logps_by_prompt(call, sequences: list, batch_size: int, pad_id: int, device
         chunk = groups[start:start + rows_per_batch]
         packed = to_device(packed_batch([(p, [sequences[i][1] for i in idx]) for p, idx in chunk], pad_id), device)
         with autocast():
-            slots = call(packed_logps, packed, grad_slots=())
+            slots = call(packed_logps, packed, grad_slots=(), full_logits=layout.full_logits)
         stats["forwards"] += 1
         slot_seq = [s.seq.float().cpu() for s in slots]  # one copy per slot, not one per sequence
         slot_len = [s.lengths.cpu() for s in slots]
@@ -140,11 +234,6 @@ def _logps_by_prompt(call, sequences: list, batch_size: int, pad_id: int, device
 
 def to_device(packed: dict, device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in packed.items()}
-
-
-def packs(model) -> bool:
-    """Packed rows need a custom 4D mask and explicit positions: sdpa or eager attention."""
-    return supports_sparse_head(model) and getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager")
 
 
 def pack_rows(sizes: list, capacity: Optional[int]) -> list:
@@ -206,16 +295,22 @@ def packed_batch(groups: list, pad_id: int, capacity: Optional[int] = None) -> d
             "slot_tokens": [sum(len(p) + len(cs[j]) for p, cs in groups if j < len(cs) and cs[j]) for j in range(len(targets))]}
 
 
-def packed_logps(model, packed: dict, grad_slots: tuple = (0,)) -> list:
+def packed_logps(model, packed: dict, grad_slots: tuple = (0,), full_logits: bool = False) -> list:
     """Per completion slot, Logps of each group: (G,) summed log-probs and (G,) scored lengths.
     Slots not in grad_slots carry no gradient. The LM head runs once for the slots with gradient
     and once for those without, whatever the number of slots (ZeRO-3 needs the same calls on every
     rank)."""
     device = packed["input_ids"].device
-    hidden = model.base_model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                              attention_mask=packed["mask"]).last_hidden_state  # (B, L, H)
-    head, G = model.get_output_embeddings(), packed["groups"]
+    inputs = {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"],
+              "attention_mask": attention_mask_for(model, packed["mask"])}
+    G = packed["groups"]
     targets = [tuple(x.to(device) for x in t) for t in packed["targets"]]  # per slot: group, row, position, label
+    if full_logits or model.get_output_embeddings() is None:
+        logits = model(**inputs).logits  # (B, L, V)
+        head, transform, hidden = (lambda x: x), (1.0, None), logits
+    else:
+        hidden = model.base_model(**inputs).last_hidden_state  # (B, L, H)
+        head, transform = model.get_output_embeddings(), logit_transform(model.config)
     logps = [None] * len(targets)
     for with_grad in (True, False):
         slots = [j for j in range(len(targets)) if (j in grad_slots) == with_grad]
@@ -226,7 +321,7 @@ def packed_logps(model, packed: dict, grad_slots: tuple = (0,)) -> list:
         labels = torch.cat([targets[j][3] for j in slots])  # (N,)
         with contextlib.nullcontext() if with_grad else torch.no_grad():
             h = hidden if with_grad else hidden.detach()
-            flat = head_logps(head, h[rows, cols], labels)  # (N,)
+            flat = head_logps(head, h[rows, cols], labels, transform)  # (N,)
         for j, part in zip(slots, flat.split([len(targets[j][0]) for j in slots])):
             logps[j] = part
     out = []
@@ -235,3 +330,41 @@ def packed_logps(model, packed: dict, grad_slots: tuple = (0,)) -> list:
         lengths = torch.zeros(G, dtype=torch.long, device=device).index_add(0, group, torch.ones_like(group))
         out.append(Logps(seq=seq, lengths=lengths))
     return out
+
+
+# ---------------------------------------------------------------- the start-up check
+
+def plain_logps(model, sequences: list, pad_id: int) -> torch.Tensor:
+    """The textbook computation: one right-padded batch through the model's own forward, full
+    logits, log-softmax, summed over each completion. (N,)"""
+    from .data import collate
+    batch = {k: v.to(model.device) for k, v in collate(sequences, pad_id).items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()  # (N, T, V)
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(2, batch["input_ids"][:, 1:, None]).squeeze(2)  # (N, T-1)
+    return (logp * batch["completion_mask"][:, 1:]).sum(1)  # (N,)
+
+
+def layout_logps(model, groups: list, pad_id: int, layout: Layout) -> torch.Tensor:
+    """Log-probs of every (prompt, completion) of groups [(prompt, [completions])], in order,
+    computed the way training computes them under `layout`. (N,)"""
+    from .data import collate
+    if not layout.shared_prompt and layout.capacity is None:
+        seqs = [(p, c) for p, cs in groups for c in cs]
+        batch = {k: v.to(model.device) for k, v in collate(seqs, pad_id).items()}
+        return completion_logps(model, batch, full_logits=layout.full_logits).seq
+    if not layout.shared_prompt:
+        groups = [(p, [c]) for p, cs in groups for c in cs]
+    packed = to_device(packed_batch(groups, pad_id, layout.capacity), model.device)
+    slots = packed_logps(model, packed, grad_slots=(), full_logits=layout.full_logits)
+    return torch.cat([slots[j].seq[g:g + 1] for g, (_, cs) in enumerate(groups) for j in range(len(cs))])
+
+
+@torch.no_grad()
+def check_layout(model, groups: list, pad_id: int, layout: Layout) -> float:
+    """The largest difference, in nats per completion token, between the log-probs training
+    computes (layout, sparse head) and a plain full forward, over the sequences of groups."""
+    sequences = [(p, c) for p, cs in groups for c in cs]
+    plain = plain_logps(model, sequences, pad_id)  # (N,)
+    ours = layout_logps(model, groups, pad_id, layout)  # (N,)
+    tokens = torch.tensor([max(1, len(c)) for _, c in sequences], device=plain.device)
+    return float(((ours.float() - plain) / tokens).abs().max())

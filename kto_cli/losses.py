@@ -9,17 +9,18 @@ import torch
 import torch.nn.functional as F
 
 
-def kto_reference_point(kl_sum: torch.Tensor, kl_count: torch.Tensor) -> torch.Tensor:
-    """z: the mean policy/reference log-ratio over the KL sequences (x_i, y_j), clamped at 0 and
-    detached. Pass the sum and count over every rank's KL sequences, not a mean of means."""
-    return (kl_sum / kl_count.clamp(min=1)).clamp(min=0).detach()
+def kl_estimate(kl_sum: torch.Tensor, kl_count: torch.Tensor) -> torch.Tensor:
+    """The mean policy/reference log-ratio over the KL sequences (x_i, y_j), detached. Pass the sum
+    and count over every rank's KL sequences, not a mean of means. kto_loss clamps it at 0 to
+    make the reference point z."""
+    return (kl_sum / kl_count.clamp(min=1)).detach()
 
 
 def kto_loss(
     policy_logps: torch.Tensor,  # (B,) summed completion log-probs under the policy
     ref_logps: torch.Tensor,  # (B,) the same under the reference model
     desirable: torch.Tensor,  # (B,) bool
-    z: torch.Tensor,  # () from kto_reference_point
+    kl: torch.Tensor,  # () from kl_estimate
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
@@ -27,7 +28,10 @@ def kto_loss(
     """KTO (Ethayarajh et al. 2024, Eq. 8), averaged over the examples of the batch:
         desirable:   lambda_D * (1 - sigmoid(beta * (r - z)))
         undesirable: lambda_U * (1 - sigmoid(beta * (z - r)))
-    with r = log pi(y|x) - log pi_ref(y|x)."""
+    with r = log pi(y|x) - log pi_ref(y|x) and z = max(0, kl), detached. Logs z as `kl` and the
+    estimate before clamping as `kl/raw` (negative when the policy moved away from the KL
+    sequences, which a clamped value hides)."""
+    z = kl.detach().clamp(min=0)
     r = policy_logps - ref_logps  # (B,)
     losses = torch.where(
         desirable,
@@ -37,7 +41,8 @@ def kto_loss(
     rewards = beta * r.detach()  # (B,)
     metrics = {
         "loss": losses.detach().mean().reshape(1),
-        "kl": z.detach().reshape(1),
+        "kl": z.reshape(1),
+        "kl/raw": kl.detach().reshape(1),
         "rewards/chosen": rewards[desirable],
         "rewards/rejected": rewards[~desirable],
         "logps/chosen": policy_logps.detach()[desirable],
@@ -85,20 +90,24 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     return losses.mean(), metrics
 
 
-def ipo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, tau=0.1):
-    """IPO (Azar et al. 2023): (h - 1 / (2 tau))^2 with h the difference of log-ratios (sums)."""
-    chosen_r = chosen_logps - ref_chosen_logps  # (P,)
-    rejected_r = rejected_logps - ref_rejected_logps  # (P,)
+def ipo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
+             tau=0.1):
+    """IPO (Azar et al. 2023): (h - 1 / (2 tau))^2, where h is the difference of the chosen and
+    rejected log-ratios, each averaged over its completion tokens (as TRL, confirmed with the IPO
+    authors, and HALOs compute it), over (P,) pairs."""
+    chosen_r = (chosen_logps - ref_chosen_logps) / chosen_lengths  # (P,) per-token log-ratio
+    rejected_r = (rejected_logps - ref_rejected_logps) / rejected_lengths  # (P,)
     losses = (chosen_r - rejected_r - 1 / (2 * tau)) ** 2  # (P,)
     metrics = {"loss": losses.detach(), **_paired_metrics(tau * chosen_r, tau * rejected_r, chosen_logps, rejected_logps)}
     return losses.mean(), metrics
 
 
-def slic_loss(chosen_logps, rejected_logps, chosen_lengths, beta=1.0, lambda_coef=0.1):
-    """SLiC-HF (Zhao et al. 2023), reference-free: max(0, beta - log pi(y_w|x) + log pi(y_l|x)) plus
-    lambda * (mean token NLL of the chosen completion) as the regulariser."""
+def slic_loss(chosen_logps, rejected_logps, beta=1.0, lambda_coef=0.1):
+    """SLiC-HF (Zhao et al. 2023), reference-free, on summed log-probs:
+    max(0, beta - log pi(y_w|x) + log pi(y_l|x)) + lambda * (-log pi(y_w|x)), the regulariser being
+    the chosen completion's sequence NLL (the paper's, and HALOs')."""
     calibration = torch.clamp(beta - chosen_logps + rejected_logps, min=0)  # (P,)
-    nll = -chosen_logps / chosen_lengths  # (P,)
+    nll = -chosen_logps  # (P,)
     losses = calibration + lambda_coef * nll
     metrics = {"loss": losses.detach(), "nll": nll.detach(),
                **_paired_metrics(chosen_logps, rejected_logps, chosen_logps, rejected_logps)}
@@ -131,14 +140,19 @@ def orpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, la
     return losses.mean(), metrics
 
 
-def sft_loss(logps, lengths):
-    """Mean token negative log-likelihood over all completion tokens of the batch: sum(-logp) / sum(|y|)."""
-    loss = -logps.sum() / lengths.sum().clamp(min=1)
+def sft_loss(logps, lengths, num_tokens=None):
+    """Token-mean negative log-likelihood: sum(-logp) / num_tokens, num_tokens defaulting to the
+    batch's completion tokens sum(|y|). Under W ranks the loop passes num_tokens = (tokens of every
+    rank's micro-batch) / W, so the ranks' mean loss (and gradient) is the token mean of their
+    union, as one process with the whole batch computes it."""
+    num_tokens = lengths.sum() if num_tokens is None else num_tokens
+    loss = -logps.sum() / num_tokens.clamp(min=1)
     return loss, {"loss": loss.detach().reshape(1), "logps/chosen": logps.detach()}
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, count=None) -> torch.Tensor:
+    """sum(x * mask) / count, count defaulting to sum(mask)."""
+    return (x * mask).sum() / (mask.sum() if count is None else count).clamp(min=1e-8)
 
 
 def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple:
@@ -158,34 +172,49 @@ def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def ppo_loss(token_logps, ref_token_logps, values, mask, desirable, gamma=0.99, lam=0.95, cliprange=0.5,
-             kl_coef=0.1, critic_coef=0.01):
-    """Offline PPO as in the KTO paper (HALOs): one step per batch, the reference model as the
-    behaviour ("old") policy, reward +1 (desirable) or -1 (undesirable) on the last completion
-    token, GAE advantages (normalised over the batch) from the value head's detached values, the
-    policy ratio clipped to [cliprange, 1 / cliprange], a KL penalty to the reference, and a squared
-    error critic loss toward the GAE returns. All token tensors are (B, L) over completion tokens."""
+def ppo_advantages(values, mask, desirable, gamma=0.99, lam=0.95) -> tuple:
+    """(advantages, returns) of offline PPO as in the KTO paper (HALOs): reward +1 (desirable) or -1
+    (undesirable) on the last completion token, GAE from the value head's detached values. (B, L)"""
     last = (mask.cumsum(1) == mask.sum(1, keepdim=True)) & mask.bool()  # (B, L) the last real token
     rewards = torch.where(last, torch.where(desirable, 1.0, -1.0)[:, None], 0.0)  # (B, L)
-    advantages, returns = gae(values.detach(), rewards, mask, gamma, lam)
-    mean = masked_mean(advantages, mask)
-    var = masked_mean((advantages - mean) ** 2, mask)
+    return gae(values.detach(), rewards, mask, gamma, lam)
+
+
+def token_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(sum, sum of squares, count) of x over the masked tokens: summed over ranks by the loop. (3,)"""
+    return torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).detach()
+
+
+def ppo_loss(token_logps, ref_token_logps, values, mask, desirable, advantages, returns, moments, ranks=1, cliprange=0.5,
+             kl_coef=0.1, critic_coef=0.01):
+    """Offline PPO as in the KTO paper (HALOs): one step per batch, the reference model as the
+    behaviour ("old") policy, advantages from ppo_advantages whitened with `moments` (token_moments
+    of the advantages, summed over every rank's micro-batch), the policy ratio clipped to
+    [cliprange, 1 / cliprange], a KL penalty mean(log pi - log pi_ref) per token, and a squared
+    error critic loss toward the GAE returns. Token means divide by the tokens of every rank's
+    micro-batch / ranks, so W ranks average to what one process with their union computes. All
+    token tensors are (B, L) over completion tokens."""
+    total, total_sq, count = moments
+    mean = total / count.clamp(min=1)
+    var = (total_sq / count.clamp(min=1) - mean ** 2).clamp(min=0)
+    per_rank = count / ranks  # the token count each rank's mean divides by
     advantages = ((advantages - mean) * torch.rsqrt(var + 1e-8) * mask).detach()
-    ratio = torch.exp(token_logps - ref_token_logps)  # (B, L)
+    log_ratio = (token_logps - ref_token_logps) * mask  # (B, L)
+    ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, cliprange, 1 / cliprange)
-    policy_loss = masked_mean(torch.max(unclipped, clipped), mask)
-    critic_loss = 0.5 * masked_mean((values - returns.detach()) ** 2, mask)
-    kl = masked_mean(ref_token_logps - token_logps, mask)
+    policy_loss = masked_mean(torch.max(unclipped, clipped), mask, per_rank)
+    critic_loss = 0.5 * masked_mean((values - returns.detach()) ** 2, mask, per_rank)
+    kl = masked_mean(log_ratio, mask, per_rank)
     loss = policy_loss + critic_coef * critic_loss + kl_coef * kl
-    seq_ratio = ((token_logps - ref_token_logps) * mask).sum(1).detach()  # (B,) sequence log-ratio
+    seq_ratio = log_ratio.sum(1).detach()  # (B,) sequence log-ratio
+    seq_logps = (token_logps.detach() * mask).sum(1)  # (B,)
     metrics = {
         "loss": loss.detach().reshape(1), "loss/policy": policy_loss.detach().reshape(1),
         "loss/critic": critic_loss.detach().reshape(1), "kl": kl.detach().reshape(1),
-        "clipfrac": masked_mean((clipped > unclipped).float(), mask).detach().reshape(1),
-        "values": masked_mean(values.detach(), mask).reshape(1),
+        "clipfrac": masked_mean((clipped > unclipped).float(), mask, per_rank).detach().reshape(1),
+        "values": masked_mean(values.detach(), mask, per_rank).reshape(1),
         "rewards/chosen": seq_ratio[desirable], "rewards/rejected": seq_ratio[~desirable],
-        "logps/chosen": (token_logps.detach() * mask).sum(1)[desirable],
-        "logps/rejected": (token_logps.detach() * mask).sum(1)[~desirable],
+        "logps/chosen": seq_logps[desirable], "logps/rejected": seq_logps[~desirable],
     }
     return loss, metrics

@@ -46,7 +46,11 @@ def tiny_model(cfg: ModelConfig, vocab_size: int, pad_id: int):
                          pad_token_id=pad_id, eos_token_id=pad_id + 2, bos_token_id=None, tie_word_embeddings=False)
     with torch.random.fork_rng():  # the weights depend on model.tiny.seed alone
         torch.manual_seed(t.seed)
-        return LlamaForCausalLM(config)
+        return LlamaForCausalLM._from_config(config, **attn_kwargs(cfg))
+
+
+def attn_kwargs(cfg: ModelConfig) -> dict:
+    return {"attn_implementation": cfg.attn_implementation.value} if cfg.attn_implementation else {}
 
 
 def gguf_dir(cfg: ModelConfig) -> Path:
@@ -120,6 +124,8 @@ def _hf_load(loader, cfg: ModelConfig, path, **kwargs):
     try:
         return loader.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
+        if "attn_implementation" in kwargs and "attention" in str(e).lower() and not isinstance(e, OSError):
+            raise  # the kernel, not the files: load_model names it
         raise UserError(
             f"could not load '{path}': {str(e).splitlines()[0]} -- if this machine is offline, download the "
             f"model elsewhere and set model.name_or_path to its local folder") from None
@@ -140,11 +146,17 @@ def load_tokenizer(cfg: ModelConfig):
 def load_model(cfg: ModelConfig, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    if cfg.source == ModelSource.tiny:
-        model = tiny_model(cfg, len(tokenizer), tokenizer.pad_token_id)
-    else:
-        path = converted_gguf(cfg) if cfg.source == ModelSource.gguf else cfg.name_or_path
-        model = _hf_load(AutoModelForCausalLM, cfg, path, dtype=torch.float32)
+    try:
+        if cfg.source == ModelSource.tiny:
+            model = tiny_model(cfg, len(tokenizer), tokenizer.pad_token_id)
+        else:
+            path = converted_gguf(cfg) if cfg.source == ModelSource.gguf else cfg.name_or_path
+            model = _hf_load(AutoModelForCausalLM, cfg, path, dtype=torch.float32, **attn_kwargs(cfg))
+    except (ImportError, ValueError) as e:  # the kernel is not installed, or the family does not support it
+        if not cfg.attn_implementation:
+            raise
+        raise UserError(f"model.attn_implementation={cfg.attn_implementation.value}: "
+                        f"{str(e).splitlines()[0]}") from None
     disable_dropout(model)
     return model
 

@@ -75,10 +75,17 @@ def check_data(name: str, need: Needs, split: Split, source: str, unpair_one: bo
                         + (" (it trains on desirable examples, and there are none)" if need.desirable_only else ""))
 
 
-def compute(name: str, params: dict, policy, ref: dict, desirable: torch.Tensor, z=None, values=None) -> tuple:
+def single_process(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def compute(name: str, params: dict, policy, ref: dict, desirable: torch.Tensor, kl=None, values=None,
+            reduce=single_process, ranks: int = 1) -> tuple:
     """(loss, metrics) of one batch. policy: logprobs.Logps of the batch's sequences (for paired
     losses the chosen ones first, then the rejected); ref: the reference's "seq" (B,) and, for
-    per-token losses, "tokens" (B, L) for the same sequences; desirable: (B,) bool."""
+    per-token losses, "tokens" (B, L) for the same sequences; desirable: (B,) bool; kl: KTO's KL
+    estimate over every rank's KL sequences. reduce sums a tensor over the `ranks` ranks whose
+    micro-batches make up this batch (token-normalised losses divide by their union's tokens)."""
     if NEEDS[name].paired:
         P = policy.seq.shape[0] // 2
         c, r = policy.seq[:P], policy.seq[P:]  # (P,), (P,)
@@ -86,17 +93,29 @@ def compute(name: str, params: dict, policy, ref: dict, desirable: torch.Tensor,
         if name in ("dpo", "cdpo"):
             return losses.dpo_loss(c, r, ref["seq"][:P], ref["seq"][P:], **params)
         if name == "ipo":
-            return losses.ipo_loss(c, r, ref["seq"][:P], ref["seq"][P:], **params)
+            return losses.ipo_loss(c, r, ref["seq"][:P], ref["seq"][P:], c_len, r_len, **params)
         if name == "slic":
-            return losses.slic_loss(c, r, c_len, **params)
+            return losses.slic_loss(c, r, **params)
         if name == "simpo":
             return losses.simpo_loss(c, r, c_len, r_len, **params)
-        return losses.orpo_loss(c, r, c_len, r_len, **params)
-    if name == "kto":
-        return losses.kto_loss(policy.seq, ref["seq"], desirable, z, **params)
-    if name in ("kto_zero", "apo_zero_unpaired"):
+        if name == "orpo":
+            return losses.orpo_loss(c, r, c_len, r_len, **params)
+    elif name == "kto":
+        return losses.kto_loss(policy.seq, ref["seq"], desirable, kl, **params)
+    elif name in ("kto_zero", "apo_zero_unpaired"):
         return losses.kto_zero_loss(policy.seq, ref["seq"], desirable, **params)
-    if name in ("sft", "csft"):
-        return losses.sft_loss(policy.seq, policy.lengths.float())
+    elif name in ("sft", "csft"):
+        return losses.sft_loss(policy.seq, policy.lengths.float(), reduce(policy.lengths.sum().float()) / ranks)
+    elif name == "ppo":
+        return ppo(params, policy, ref, desirable, values, reduce, ranks)
+    raise ValueError(f"loss '{name}' has needs but no computation")
+
+
+def ppo(params: dict, policy, ref: dict, desirable: torch.Tensor, values, reduce, ranks: int) -> tuple:
+    """PPO's advantages are whitened over every rank's micro-batch: their moments are summed first."""
+    gae_params = {k: params[k] for k in ("gamma", "lam")}
+    rest = {k: v for k, v in params.items() if k not in gae_params}
+    advantages, returns = losses.ppo_advantages(values, policy.mask, desirable, **gae_params)
+    moments = reduce(losses.token_moments(advantages, policy.mask))
     return losses.ppo_loss(policy.tokens, ref["tokens"][:, : policy.tokens.shape[1]], values, policy.mask, desirable,
-                           **params)
+                           advantages, returns, moments, ranks, **rest)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import distributed as dist
-from .logprobs import logps_of
+from .logprobs import Layout, logps_of
 from .refcache import RefCache, sequence_key
 
 log = logging.getLogger("kto_cli")
@@ -50,7 +50,7 @@ def wanted(splits: dict, kl: bool) -> list:
 
 def reference_pass(get_model: Callable, splits: dict, kl: bool, per_token: bool, cache: Optional[RefCache],
                    batch_size: int, pad_id: int, device, autocast, show_progress: bool = True,
-                   shard: tuple = (0, 1), exchange: bool = False, call=None) -> tuple:
+                   shard: tuple = (0, 1), exchange: bool = False, call=None, layout: Layout = Layout()) -> tuple:
     """splits: name ("train"/"eval") -> (Split, indices of the examples that will be used).
     Looks every sequence up in the cache by content, computes only the missing ones (this
     process's share of them when shard = (rank, world size)), stores those, and returns
@@ -59,7 +59,8 @@ def reference_pass(get_model: Callable, splits: dict, kl: bool, per_token: bool,
     and the ReferenceLogps is None. With exchange (training under torch.distributed), rank 0's
     list of missing values is the one every rank shards, every rank runs as many forward passes
     as the busiest (ZeRO-3 gathers parameters collectively), and the values are exchanged.
-    call(fn, *args) runs fn(model, *args), e.g. through the DeepSpeed engine."""
+    call(fn, *args) runs fn(model, *args), e.g. through the DeepSpeed engine; layout: the rows and LM
+    head training uses (logprobs.Layout)."""
     jobs = wanted(splits, kl)
     keys = [[sequence_key(*s) for s in seqs] for _, _, _, seqs in jobs]
     # one run at a time finds and computes what is missing (sharded precompute processes split the
@@ -79,7 +80,7 @@ def reference_pass(get_model: Callable, splits: dict, kl: bool, per_token: bool,
         reused = len({k for ks in keys for k in ks}) - len(todo)
         mine = list(todo)[shard[0]::shard[1]]
         values = compute(get_model, [todo[k] for k in mine], mine, per_token, batch_size, pad_id, device, autocast,
-                         show_progress, lockstep=exchange, call=call)
+                         show_progress, lockstep=exchange, call=call, layout=layout)
         if cache is not None:
             path = cache.put(mine, torch.tensor([values[k][0] for k in mine]), [values[k][1] for k in mine] if per_token else None)
             if path:
@@ -95,7 +96,7 @@ def reference_pass(get_model: Callable, splits: dict, kl: bool, per_token: bool,
 
 
 def compute(get_model, sequences: list, keys: list, per_token: bool, batch_size, pad_id, device, autocast,
-            show_progress, lockstep: bool = False, call=None) -> dict:
+            show_progress, lockstep: bool = False, call=None, layout: Layout = Layout()) -> dict:
     """key -> (summed log-prob, per-token log-probs or None) for sequences, on the reference model.
     lockstep: every rank joins the same number of forward passes, padding with one-token ones."""
     if not sequences and not lockstep:
@@ -105,10 +106,11 @@ def compute(get_model, sequences: list, keys: list, per_token: bool, batch_size,
     stats = {"forwards": 0}
     with tqdm(total=len(sequences), desc="reference pass", unit="seq", disable=not show_progress) as bar:
         seq, tokens, lengths = logps_of(model, sequences, batch_size, pad_id, device, autocast, bar,
-                                        per_token=per_token, stats=stats, call=call)
+                                        per_token=per_token, stats=stats, call=call, layout=layout)
     if lockstep:
         for _ in range(dist.all_max(stats["forwards"]) - stats["forwards"]):
-            logps_of(model, [([pad_id], [pad_id])], 1, pad_id, device, autocast, per_token=per_token, call=call)
+            logps_of(model, [([pad_id], [pad_id])], 1, pad_id, device, autocast, per_token=per_token, call=call,
+                     layout=layout)
     return {k: (float(seq[i]), tokens[i, : lengths[i]].clone() if per_token else None) for i, k in enumerate(keys)}
 
 

@@ -27,8 +27,8 @@ from .backend import DeepSpeedBackend, Policy, TorchBackend, accumulation, ds_co
 from .checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import CacheMode, KTOLossConfig, ModelSource, Precision, RunConfig, UnpairMode, UserError
 from .data import Split, build_splits, collate
-from .logprobs import Logps, completion_logps, packed_batch, packed_logps, packs, to_device
-from .losses import kto_reference_point, pair_wins
+from .logprobs import Layout, Logps, completion_logps, packed_batch, packed_logps, to_device
+from .losses import kl_estimate, pair_wins
 from .models import cache_root, load_model, load_tokenizer, model_key
 from .refcache import RefCache
 
@@ -91,6 +91,11 @@ def visited_indices(steps: int, n: int, batch_size: int, seed: int, order=None) 
     if steps * batch_size >= n:
         return list(range(n))
     return sorted(set((order or epoch_permutation)(n, seed, 0)[: steps * batch_size]))
+
+
+def data_order(n: int, seed: int, epoch: int) -> list:
+    """trainer.shuffle=false: every epoch in data order."""
+    return list(range(n))
 
 
 @functools.lru_cache(maxsize=4)
@@ -183,10 +188,10 @@ def pair_accuracy(split: Split, scores: torch.Tensor) -> Optional[float]:
 
 # ---------------------------------------------------------------- the steps
 
-def logps_and_values(lm, batch: dict, value_head) -> Logps:
+def logps_and_values(lm, batch: dict, value_head, full_logits: bool = False) -> Logps:
     """ppo: per-token log-probs and the value head on the hidden states that predicted them, in
     one forward (under ZeRO-3 the value head must run inside the engine's forward too)."""
-    lp = completion_logps(lm, batch, per_token=True, hidden=True)
+    lp = completion_logps(lm, batch, per_token=True, hidden=True, full_logits=full_logits)
     lp.values = value_head(lp.hidden.float()).squeeze(-1)  # (B, L)
     return lp
 
@@ -232,12 +237,9 @@ class Trainer:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if need.value_head:
             self.value_head = torch.nn.Linear(self.model.config.hidden_size, 1).to(self.device)
-        self.packs = packs(self.model)
-        self.share_prompt = cfg.trainer.shared_prompt and self.packs
-        # row capacity of packed batches: 0 = the micro-batch's longest sequence group; None = one per row
-        self.capacity = (cfg.trainer.pack_length or 0) if cfg.trainer.packing and self.packs else None
+        self.layout = self.choose_layout()
         self.order = length_grouped(self.unit_lengths("train"), cfg.trainer.micro_batch_size * self.world) \
-            if cfg.trainer.group_by_length else None
+            if cfg.trainer.group_by_length else (None if cfg.trainer.shuffle else data_order)
         self.steps = total_steps(cfg, len(self.units["train"]))
         policy = Policy(self.model, self.value_head)
         if self.deepspeed:
@@ -245,7 +247,56 @@ class Trainer:
             self.model, self.value_head = self.backend.policy.lm, self.backend.policy.value_head
         else:
             self.backend = TorchBackend(policy, cfg, self.steps)
+        self.check_layout()
         self.ref = self.reference() if need.reference else None
+
+    def choose_layout(self) -> Layout:
+        """Shared-prompt and packed rows where the model's attention reads their 4D mask exactly;
+        separate rows otherwise (trainer.packing=true is refused, being asked for explicitly)."""
+        t, m = self.cfg.trainer, self.cfg.model
+        kernel = logprobs.attention_kernel(self.model)
+        if kernel == "flex_attention" and self.device.type == "cpu":
+            raise UserError("model.attn_implementation=flex_attention: PyTorch has no flex-attention backward on "
+                            "CPU; train with sdpa or eager there (kto-precompute accepts flex_attention)")
+        problem = logprobs.layout_problem(self.model, self.cfg.dataset.max_length)
+        if problem and t.packing:
+            raise UserError(f"trainer.packing=true needs a custom attention mask, but for this model {problem}: "
+                            "set trainer.packing=false")
+        if problem and t.shared_prompt and (self.need.kl or self.need.paired or self.need.reference):
+            log.info("trainer.shared_prompt: separate rows instead, since for this model %s", problem)
+        # row capacity of packed batches: 0 = the micro-batch's longest sequence group; None = one per row
+        return Layout(shared_prompt=t.shared_prompt and not problem,
+                      capacity=(t.pack_length or 0) if t.packing else None, full_logits=not m.sparse_head)
+
+    def check_layout(self) -> None:
+        """The start-up self-check: on this rank's first micro-batch, the log-probs training computes
+        (its row layout, the sparse LM head) equal a plain forward with full logits, else the run
+        stops here with one line. fp32 weights are checked in fp32 (exactly); bf16 ones loosely."""
+        t, need = self.cfg.trainer, self.need
+        units = self.units["train"]
+        first = [units[p] for p in batch_indices(0, len(units), t.batch_size, t.seed, self.order)]
+        mine = first[self.rank * t.micro_batch_size:(self.rank + 1) * t.micro_batch_size]
+        split = self.splits["train"]
+        pairs = [(split.sequence(u[0]), split.sequence(u[1])) if need.paired else
+                 (split.sequence(u), split.kl_sequence(u)) if need.kl else (split.sequence(u), None) for u in mine]
+        groups = [(a[0], [a[1]] + ([b[1]] if b else [])) for a, b in pairs]
+        bf16_weights = next(self.model.parameters()).dtype == torch.bfloat16
+        tolerance = 5e-2 if bf16_weights else 1e-3
+        layout = self.layout if need.kl or need.paired else Layout(
+            False, None if need.per_token else self.layout.capacity, self.layout.full_logits)
+        self.model.eval()
+        diff = max(dist.gather(self.backend(logprobs.check_layout, groups, self.pad_id, layout)))
+        if diff <= tolerance:
+            log.info("start-up check: log-probs as trained equal a plain forward (largest difference %.2g nats "
+                     "per token)", diff)
+            return
+        separate = Layout(False, None, layout.full_logits)
+        head_diff = max(dist.gather(self.backend(logprobs.check_layout, groups, self.pad_id, separate)))
+        culprit, fix = (("the sparse LM head", "model.sparse_head=false") if head_diff > tolerance else
+                        ("shared-prompt/packed rows", "trainer.shared_prompt=false trainer.packing=false"))
+        raise UserError(f"start-up check: for {self.cfg.model.name_or_path} ({logprobs.attention_kernel(self.model)} "
+                        f"attention) {culprit} give log-probs {diff:.3g} nats per token away from a plain forward "
+                        f"(tolerance {tolerance:g}): set {fix}, or choose another model.attn_implementation")
 
     def start_processes(self) -> None:
         """Ranks from the launcher; under DeepSpeed, the process group and this rank's device."""
@@ -281,7 +332,8 @@ class Trainer:
 
     def load_data(self) -> dict:
         cfg = self.cfg
-        train, held, report = build_splits(cfg.dataset, self.tokenizer, cfg.model.use_chat_template)
+        train, held, report = build_splits(cfg.dataset, self.tokenizer, cfg.model.use_chat_template,
+                                           kl_block=cfg.trainer.micro_batch_size)
         log.info("data: %s", report)
         if report["skipped_rows"]:
             log.warning("skipped %d bad rows (dataset.skip_bad_rows=true)", report["skipped_rows"])
@@ -323,7 +375,7 @@ class Trainer:
         ref, report = reference_mod.reference_pass(
             lambda: self.model, used, self.need.kl, self.need.per_token, open_cache(self.cfg, self.tokenizer),
             self.cfg.reference.batch_size, self.pad_id, self.device, self.autocast, self.show_progress,
-            shard=(self.rank, self.world), exchange=self.world > 1, call=self.backend)
+            shard=(self.rank, self.world), exchange=self.world > 1, call=self.backend, layout=self.layout)
         log.info("reference log-probs: %d reused from the cache, %d computed", report["reused"], report["computed"])
         self.reference_report = {**report, "seconds": time.perf_counter() - started}
         if dist.is_main():
@@ -339,60 +391,56 @@ class Trainer:
         if source == "reference":
             lengths = torch.tensor([len(c) for _, c in seqs])
             return Logps(seq=self.ref.get(name, "_kl" if kl else "")[idx].to(self.device), lengths=lengths), 0
-        want_tokens = not kl and self.need.per_token
+        want_tokens, full = not kl and self.need.per_token, self.layout.full_logits
         with self.autocast(), (torch.no_grad() if kl else contextlib.nullcontext()):
-            if self.capacity is not None and not want_tokens:
-                packed = to_device(packed_batch([(p, [c]) for p, c in seqs], self.pad_id, self.capacity), self.device)
-                return self.backend(packed_logps, packed, grad_slots=() if kl else (0,))[0], packed["slot_tokens"][0]
+            if self.layout.capacity is not None and not want_tokens:
+                packed = to_device(packed_batch([(p, [c]) for p, c in seqs], self.pad_id, self.layout.capacity),
+                                   self.device)
+                slots = self.backend(packed_logps, packed, grad_slots=() if kl else (0,), full_logits=full)
+                return slots[0], packed["slot_tokens"][0]
             batch = {k: v.to(self.device) for k, v in collate(seqs, self.pad_id).items()}
             if want_tokens and self.need.value_head:
-                lp = self.backend(logps_and_values, batch, self.value_head)
+                lp = self.backend(logps_and_values, batch, self.value_head, full)
             else:
-                lp = self.backend(completion_logps, batch, per_token=want_tokens)
+                lp = self.backend(completion_logps, batch, per_token=want_tokens, full_logits=full)
         return lp, int(batch["attention_mask"].sum())
 
     def shared_forward(self, name: str, idx: list) -> tuple:
         """One forward for two sequences per unit, sharing their prompt's computation
         (logprobs.packed_batch): KTO's example + KL sequence (the KL one without gradient), or a
-        pair's chosen + rejected. A unit whose two sequences keep different prompts after
-        truncation becomes two groups of the same batch, so every rank runs one forward. Returns
-        (Logps of idx in order, KL log-probs or None, tokens)."""
+        pair's chosen + rejected (truncation keeps a prompt's tokens the same for all its
+        completions). Returns (Logps of idx in order, KL log-probs or None, tokens)."""
         split, paired = self.splits[name], self.need.paired
         if paired:
             P = len(idx) // 2
             units = [(split.sequence(c), split.sequence(r)) for c, r in zip(idx[:P], idx[P:])]
         else:
             units = [(split.sequence(i), split.kl_sequence(i)) for i in idx]
-        groups, apart, second_at = [], [], []  # apart: (prompt, [no first completion, second completion])
-        for u, (a, b) in enumerate(units):
-            same = a[0] == b[0]
-            groups.append((a[0], [a[1], b[1]] if same else [a[1]]))
-            second_at.append(u if same else len(units) + len(apart))  # the group holding b
-            if not same:
-                apart.append((b[0], [[], b[1]]))
-        packed = to_device(packed_batch(groups + apart, self.pad_id, self.capacity), self.device)
+        packed = to_device(packed_batch([(a[0], [a[1], b[1]]) for a, b in units], self.pad_id, self.layout.capacity),
+                           self.device)
         with self.autocast():
-            first, second = self.backend(packed_logps, packed, grad_slots=(0, 1) if paired else (0,))
-        n, at = len(units), torch.tensor(second_at, device=self.device)
+            first, second = self.backend(packed_logps, packed, grad_slots=(0, 1) if paired else (0,),
+                                         full_logits=self.layout.full_logits)
         tokens = sum(packed["slot_tokens"]) if paired else packed["slot_tokens"][0]  # as two separate batches
         if paired:
-            return Logps(seq=torch.cat([first.seq[:n], second.seq[at]]),
-                         lengths=torch.cat([first.lengths[:n], second.lengths[at]])), None, tokens
-        return Logps(seq=first.seq[:n], lengths=first.lengths[:n]), second.seq[at], tokens
+            return Logps(seq=torch.cat([first.seq, second.seq]), lengths=torch.cat([first.lengths, second.lengths])), \
+                None, tokens
+        return first, second.seq, tokens
 
     def micro_step(self, name: str, units: list, source: str = "policy", across_ranks: bool = True) -> tuple:
-        """(loss, metrics, tokens, example indices, their policy log-probs) of one micro-batch. The
-        KTO reference point sums the KL sequences of every rank's micro-batch (across_ranks)."""
+        """(loss, metrics, tokens, example indices, their policy log-probs) of one micro-batch.
+        across_ranks: this micro-batch is one of every rank's in this accumulation round, and
+        cross-rank statistics (KTO's KL estimate, token counts) sum over all of them."""
         need, ref = self.need, self.ref
         idx = [u[0] for u in units] + [u[1] for u in units] if need.paired else list(units)
-        sharable = self.share_prompt and source == "policy" and (need.kl or need.paired) and not need.per_token
-        z, shared = None, self.shared_forward(name, idx) if sharable else None
+        sharable = self.layout.shared_prompt and source == "policy" and (need.kl or need.paired) and not need.per_token
+        kl, shared = None, self.shared_forward(name, idx) if sharable else None
+        reduce, ranks = (dist.all_sum, self.world) if across_ranks else (objectives.single_process, 1)
         if need.kl:  # the KTO reference point, from the examples' KL partners, without gradient
             kl_logps = shared[1] if shared else self.forward(name, idx, kl=True, source=source)[0].seq  # (B,)
             kl_ratio = kl_logps - ref.get(name, "_kl")[idx].to(self.device)  # (B,)
-            total = torch.stack([kl_ratio.sum().float(), torch.tensor(float(len(idx)), device=self.device)])  # (2,)
-            total = dist.all_sum(total) if across_ranks else total
-            z = kto_reference_point(total[0], total[1])
+            total = reduce(torch.stack([kl_ratio.sum().float(), torch.tensor(float(len(idx)), device=self.device)]))  # (2,)
+            kl = kl_estimate(total[0], total[1])
         lp, tokens = (shared[0], shared[2]) if shared else self.forward(name, idx, source=source)
         ref_logps = {}
         if need.reference:
@@ -401,7 +449,8 @@ class Trainer:
                 ref_logps["tokens"] = ref.get(name, "_tokens")[idx].to(self.device)
         values = lp.values if need.value_head else None  # (B, L)
         desirable = self.splits[name].desirable(idx).to(self.device)
-        loss, metrics = objectives.compute(self.cfg.loss.name, self.params, lp, ref_logps, desirable, z, values)
+        loss, metrics = objectives.compute(self.cfg.loss.name, self.params, lp, ref_logps, desirable, kl, values,
+                                           reduce, ranks)
         return loss, metrics, tokens, idx, lp.seq.detach()
 
     def optimizer_step(self, step: int) -> dict:
@@ -667,7 +716,8 @@ def precompute(cfg: RunConfig) -> dict:
     cache = open_cache(cfg, tr.tokenizer)
     _, report = reference_mod.reference_pass(lambda: reference_model(cfg, tr), used, tr.need.kl, tr.need.per_token,
                                              cache, cfg.reference.batch_size, tr.pad_id, tr.device, tr.autocast,
-                                             tr.show_progress, shard=(rank, world))
+                                             tr.show_progress, shard=(rank, world),
+                                             layout=Layout(cfg.trainer.shared_prompt, None, not cfg.model.sparse_head))
     print(f"kto-precompute: {report['reused']} values already cached, {report['computed']} computed "
           f"(process {rank} of {world}) in {cache.dir}", flush=True)
     return report

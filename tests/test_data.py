@@ -7,7 +7,7 @@ import torch
 
 from kto_cli.config import DatasetConfig, UnpairMode, UserError
 from kto_cli.data import (Example, build_splits, collate, hold_out, kl_partners, load_examples, render,
-                          subsample, truncate, unpair_one)
+                          rotated_partners, row_to_examples, subsample, truncate, unpair_one)
 
 from conftest import write_jsonl
 
@@ -88,6 +88,22 @@ def test_unpairing_both_and_one(tmp_path):
     assert [e.completion for e in unpair_one(both, seed=4)] != [e.completion for e in one]
 
 
+def test_unpair_one_keeps_one_completion_per_prompt():
+    """Three pairs (and an unpaired row) of one prompt and one pair of another: one y per x keeps
+    one example per prompt, not one per pair."""
+    rows = [{"prompt": "a", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(3)]
+    rows += [{"prompt": "a", "completion": "more", "label": True}, {"prompt": "b", "chosen": "g", "rejected": "b"}]
+    examples = [e for n, r in enumerate(rows) for e in row_to_examples(r, "x", n)]
+    kept = [unpair_one(examples, seed) for seed in range(20)]
+    assert all(sorted(e.prompt for e in k) == ["a", "b"] for k in kept)
+    assert len({k[0].completion for k in kept}) > 2  # any of prompt a's 7 completions may be the one
+
+
+def test_rotated_kl_partners_are_trls_pairs():
+    """TRL's KTOTrainer rotates completions by one within each per-device batch, in data order."""
+    assert rotated_partners(7, 3) == [2, 0, 1, 5, 3, 4, 6]
+
+
 def test_subsample_keeps_seeded_fractions():
     ex = [Example(f"q{i}", "c", i % 2 == 0, None, "x") for i in range(200)]
     kept = subsample(ex, desirable_fraction=0.1, undesirable_fraction=1.0, seed=0)
@@ -117,13 +133,41 @@ def test_truncation_keeps_prompt_end_and_completion_start():
     assert truncate([1, 2], [3], 8, 5) == ([1, 2], [3])
 
 
+def test_truncation_depends_on_the_prompt_alone_and_keeps_its_header():
+    """Two completions of one prompt (a pair's sides, an example and its KL sequence), one short and
+    one long, keep the same prompt tokens: before, the short one kept the whole prompt. A header of
+    2 tokens (BOS, template) survives, the rest is the prompt's end; a header over half the budget
+    is cut to half."""
+    prompt = list(range(10))
+    short, long = truncate(prompt, [100], 16, 6, head=2), truncate(prompt, list(range(100, 120)), 16, 6, head=2)
+    assert short[0] == long[0] == [0, 1, 6, 7, 8, 9]
+    assert short[1] == [100] and long[1] == list(range(100, 110))
+    assert truncate(prompt, [100], 16, 6, head=5)[0] == [0, 1, 2, 7, 8, 9]
+
+
+def test_truncated_sequences_of_one_prompt_share_it(tmp_path, tiny_tok):
+    """Through tokenize: the chat template's header ('<|im_start|>user\n', 6 tokens here) is kept, and
+    an example, its pair sibling and its KL sequence are conditioned on the same prompt tokens."""
+    rows = [{"prompt": "x" * 40 + f" q{i}", "chosen": "y" * (3 + 30 * (i % 2)), "rejected": "n"} for i in range(4)]
+    cfg = DatasetConfig(train=str(write_jsonl(tmp_path / "long.jsonl", rows)), max_length=40, max_prompt_length=20)
+    train, _, _ = build_splits(cfg, tiny_tok, use_chat_template=True)
+    header = tiny_tok("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
+    assert train.prompt_head[0] == len(header) == 6
+    for i in range(len(train)):
+        p, c = train.sequence(i)
+        assert len(p) == 20 and p[:6] == header and p == train.prompt_ids[i][:6] + train.prompt_ids[i][-14:]
+        assert train.kl_sequence(i)[0] == p and len(p) + len(c) <= 40
+    for chosen, rejected in train.pairs():
+        assert train.sequence(chosen)[0] == train.sequence(rejected)[0]
+
+
 def test_render_with_chat_template_ends_completion_with_end_of_turn(tiny_tok):
     e = Example("What is 2 + 2?", "4", True, None, "x")
-    prompt, completion = render(e, tiny_tok, use_chat_template=True)
+    prompt, completion, header = render(e, tiny_tok, use_chat_template=True)
     assert prompt.endswith("<|im_start|>assistant\n") and "What is 2 + 2?" in prompt
-    assert completion == "4<|im_end|>\n"
-    prompt, completion = render(e, tiny_tok, use_chat_template=False)
-    assert (prompt, completion) == ("What is 2 + 2?", "4<|im_end|>")
+    assert completion == "4<|im_end|>\n" and prompt[:header] == "<|im_start|>user\n"
+    prompt, completion, header = render(e, tiny_tok, use_chat_template=False)
+    assert (prompt, completion, header) == ("What is 2 + 2?", "4<|im_end|>", 0)
 
 
 def test_build_splits_and_collate_pad_to_batch_longest(tmp_path, tiny_tok):

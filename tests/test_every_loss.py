@@ -109,16 +109,18 @@ def test_batch_layouts_change_no_number(tmp_path, loss):
 
 
 @pytest.mark.parametrize("loss", ["kto", "dpo"])
-def test_shared_rows_with_prompts_truncated_differently(tmp_path, loss):
-    """At max_length 86 / max_prompt_length 80 a prompt of 82 tokens is kept whole before a 4-token
-    completion and cut to 80 before a 5-token one, so some examples and their KL sequences (or a
-    pair's two sides) no longer share a prompt: those go into the same forward as two groups. The
-    losses still equal separate forwards."""
+def test_truncated_prompts_stay_shared(tmp_path, loss):
+    """At max_length 86 / max_prompt_length 80 the shipped prompts (~82 tokens with the tiny
+    tokenizer) are cut to 80 whatever the completion, keeping the template header: every example and
+    its KL sequence (or a pair's two sides) still share their prompt, and the shared rows give the
+    losses of separate forwards."""
     short = ["dataset.max_length=86", "dataset.max_prompt_length=80"]
     tr = Trainer(make_config(*TINY, f"loss={loss}", *short), tmp_path / "probe")
     tr.tokenizer = load_tokenizer(tr.cfg.model)
     split = tr.load_data()["train"]
-    assert any(split.kl_sequence(i)[0] != split.sequence(i)[0] for i in range(len(split)))
+    assert any(len(p) > 80 for p in split.prompt_ids)
+    assert all(split.kl_sequence(i)[0] == split.sequence(i)[0] for i in range(len(split)))
+    assert all(split.sequence(c)[0] == split.sequence(r)[0] for c, r in split.pairs())
     runs = {}
     for name, overrides in (("separate", ["trainer.shared_prompt=false"]), ("shared", [])):
         train(make_config(*TINY, f"loss={loss}", "trainer.lr=1e-3", *short, *overrides), tmp_path / name)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kto_cli.losses import kto_loss, kto_reference_point
+from kto_cli.losses import kl_estimate, kto_loss
 
 
 def sig(x: float) -> float:
@@ -59,10 +59,18 @@ def test_kto_gradient_direction():
     assert logps.grad.tolist() == pytest.approx([-0.0125, 0.0125])
 
 
-def test_reference_point_is_global_mean_clamped_and_detached():
-    """z = sum / count over all KL sequences: two ranks with sums 3 and -1 over 2 + 6 sequences give
-    2 / 8 = 0.25 (a mean of per-rank means would give (1.5 - 1/6) / 2 = 0.667). Negative means clamp to 0."""
+def test_kl_estimate_is_global_mean_and_detached():
+    """kl = sum / count over all KL sequences: two ranks with sums 3 and -1 over 2 + 6 sequences give
+    2 / 8 = 0.25 (a mean of per-rank means would give (1.5 - 1/6) / 2 = 0.667)."""
     x = torch.tensor(3.0, requires_grad=True)
-    z = kto_reference_point(x + torch.tensor(-1.0), torch.tensor(8))
-    assert z.item() == pytest.approx(0.25) and not z.requires_grad
-    assert kto_reference_point(torch.tensor(-5.0), torch.tensor(2)).item() == 0.0
+    kl = kl_estimate(x + torch.tensor(-1.0), torch.tensor(8))
+    assert kl.item() == pytest.approx(0.25) and not kl.requires_grad
+
+
+def test_negative_kl_clamps_the_reference_point_and_is_logged_raw():
+    """kl = -5 / 2 = -2.5: z = 0, so the loss equals the z = 0 loss; `kl` logs 0 and `kl/raw` -2.5.
+    Desirable r = 0.5: 1 - sig(0.05) = 0.4875026."""
+    kl = kl_estimate(torch.tensor(-5.0), torch.tensor(2))
+    loss, m = kto_loss(torch.tensor([-1.0]), torch.tensor([-1.5]), torch.tensor([True]), kl, beta=0.1)
+    assert loss.item() == pytest.approx(1 - sig(0.05), abs=1e-7)
+    assert m["kl"].item() == 0.0 and m["kl/raw"].item() == pytest.approx(-2.5)

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from kto_cli.losses import (dpo_loss, gae, ipo_loss, kto_loss, kto_zero_loss, orpo_loss, ppo_loss, sft_loss,
-                            simpo_loss, slic_loss)
+from kto_cli.losses import (dpo_loss, gae, ipo_loss, kto_loss, kto_zero_loss, orpo_loss, ppo_advantages, ppo_loss,
+                            sft_loss, simpo_loss, slic_loss, token_moments)
 
 t = torch.tensor
 
@@ -44,18 +44,22 @@ def test_dpo_gradient_matches_closed_form():
     torch.testing.assert_close(r.grad, beta * torch.sigmoid(-u) / 5)
 
 
-def test_ipo_golden():
-    """tau 0.1: h = 0.5 - (-1) = 1.5, target 1 / (2 tau) = 5, loss (1.5 - 5)^2 = 12.25."""
-    loss, _ = ipo_loss(t([-1.0]), t([-2.0]), t([-1.5]), t([-1.0]), tau=0.1)
-    assert loss.item() == pytest.approx(12.25)
+def test_ipo_golden_averages_log_ratios_per_token():
+    """tau 0.1; chosen log-ratio -1 - (-1.5) = 0.5 over 2 tokens -> 0.25 per token; rejected
+    -2 - (-1) = -1 over 4 tokens -> -0.25. h = 0.5, target 1 / (2 tau) = 5, loss (0.5 - 5)^2 = 20.25
+    (summed log-ratios would give (1.5 - 5)^2 = 12.25). rewards: tau * per-token log-ratio."""
+    loss, m = ipo_loss(t([-1.0]), t([-2.0]), t([-1.5]), t([-1.0]), t([2.0]), t([4.0]), tau=0.1)
+    assert loss.item() == pytest.approx(20.25)
+    assert m["rewards/chosen"].item() == pytest.approx(0.025) and m["rewards/rejected"].item() == pytest.approx(-0.025)
 
 
-def test_slic_golden():
-    """beta 1, lambda 0.1, chosen -1.5 over 2 tokens, rejected -1: hinge max(0, 1 + 1.5 - 1) = 1.5,
-    NLL per token 1.5 / 2 = 0.75, loss 1.5 + 0.075 = 1.575. A well-separated pair (chosen -1,
-    rejected -3): hinge max(0, 1 + 1 - 3) = 0, loss 0.1 * 0.5 = 0.05."""
-    loss, _ = slic_loss(t([-1.5, -1.0]), t([-1.0, -3.0]), t([2.0, 2.0]), beta=1.0, lambda_coef=0.1)
-    assert loss.item() == pytest.approx((1.575 + 0.05) / 2)
+def test_slic_golden_uses_the_sequence_nll():
+    """beta 1, lambda 0.1; chosen -1.5, rejected -1: hinge max(0, 1 + 1.5 - 1) = 1.5, sequence NLL
+    1.5, loss 1.5 + 0.15 = 1.65. A well-separated pair (chosen -1, rejected -3): hinge 0, loss
+    0.1 * 1 = 0.1. Mean 0.875."""
+    loss, m = slic_loss(t([-1.5, -1.0]), t([-1.0, -3.0]), beta=1.0, lambda_coef=0.1)
+    assert loss.item() == pytest.approx(0.875)
+    assert m["nll"].tolist() == pytest.approx([1.5, 1.0])
 
 
 def test_simpo_is_length_normalised():
@@ -84,6 +88,14 @@ def test_sft_is_mean_token_nll():
     per-sequence means, (2 + 4/3) / 2)."""
     loss, _ = sft_loss(t([-2.0, -4.0]), t([1.0, 3.0]))
     assert loss.item() == pytest.approx(1.5)
+
+
+def test_sft_over_two_ranks_averages_to_the_whole_batch():
+    """Rank 0 holds (-2 over 1 token), rank 1 (-4 over 3): 4 tokens in all, 2 per rank on average.
+    Rank losses 2 / 2 = 1 and 4 / 2 = 2 average to 1.5, the one-process value (per-rank token means,
+    2 and 4/3, would average to 1.667)."""
+    ranks = [sft_loss(t([-2.0]), t([1.0]), num_tokens=t(4.0) / 2)[0], sft_loss(t([-4.0]), t([3.0]), num_tokens=t(4.0) / 2)[0]]
+    assert [x.item() for x in ranks] == pytest.approx([1.0, 2.0]) and sum(ranks).item() / 2 == pytest.approx(1.5)
 
 
 def test_kto_zero_equals_apo_zero_unpaired_form():
@@ -120,6 +132,12 @@ def test_gae_hand_computed():
     torch.testing.assert_close(ret, t([[0.31275, 0.495, 1.0], [-0.27, -1.0, 0.0]]))
 
 
+def ppo(logps, ref, values, mask, desirable, **kw):
+    """ppo_loss over one process's batch, as kto_cli.objectives feeds it."""
+    adv, ret = ppo_advantages(values, mask, desirable)
+    return ppo_loss(logps, ref, values, mask, desirable, adv, ret, token_moments(adv, mask), **kw)
+
+
 def test_ppo_pushes_desirable_up_and_undesirable_down():
     """At ratio 1 with zero values, advantages follow the sign of each sequence's reward, so the
     gradient on the last token is negative (raise it) for the desirable and positive for the
@@ -127,8 +145,46 @@ def test_ppo_pushes_desirable_up_and_undesirable_down():
     logps = torch.zeros(2, 3, requires_grad=True)
     mask = t([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     values = torch.zeros(2, 3, requires_grad=True)
-    loss, m = ppo_loss(logps, torch.zeros(2, 3), values, mask, t([True, False]))
+    loss, m = ppo(logps, torch.zeros(2, 3), values, mask, t([True, False]))
     loss.backward()
     assert logps.grad[0, 2] < 0 and logps.grad[1, 1] > 0 and logps.grad[1, 2] == 0
     assert m["kl"].item() == 0 and m["clipfrac"].item() == 0
     assert values.grad is not None and values.grad.abs().sum() > 0  # the critic learns
+
+
+def test_ppo_kl_term_is_policy_minus_reference():
+    """The KL penalty is mean(log pi - log pi_ref) per token (HALOs' sign since May 2025): a policy
+    0.5 nats above the reference on every one of 5 tokens logs kl = 0.5, and the term adds
+    kl_coef / 5 = 0.02 to the gradient of every real token (it pulls log-probs back down, for
+    desirable and undesirable sequences alike)."""
+    mask = t([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    grads = {}
+    for coef in (0.0, 0.1):
+        logps = torch.full((2, 3), 0.5, requires_grad=True)
+        loss, m = ppo(logps, torch.zeros(2, 3), torch.zeros(2, 3), mask, t([True, False]), kl_coef=coef)
+        loss.backward()
+        grads[coef] = logps.grad
+    assert m["kl"].item() == pytest.approx(0.5)
+    torch.testing.assert_close(grads[0.1] - grads[0.0], 0.02 * mask)
+
+
+def test_ppo_over_two_ranks_averages_to_the_whole_batch():
+    """Advantages whitened with moments summed over both ranks and token means over (all tokens) /
+    2: the two ranks' mean loss and summed gradients / 2 equal one process with both micro-batches."""
+    g = torch.Generator().manual_seed(0)
+    logps, ref, values = (torch.randn(4, 5, generator=g) * 0.3 for _ in range(3))
+    mask = t([[1.0] * 5, [1.0] * 2 + [0.0] * 3, [1.0] * 4 + [0.0], [1.0] + [0.0] * 4])
+    desirable = t([True, False, False, True])
+    whole = logps.clone().requires_grad_(True)
+    loss, _ = ppo(whole, ref, values, mask, desirable)
+    loss.backward()
+    halves = [logps[:2].clone().requires_grad_(True), logps[2:].clone().requires_grad_(True)]
+    adv = [ppo_advantages(values[s], mask[s], desirable[s]) for s in (slice(0, 2), slice(2, 4))]
+    moments = token_moments(adv[0][0], mask[:2]) + token_moments(adv[1][0], mask[2:])
+    total = 0
+    for x, s, (a, r) in zip(halves, (slice(0, 2), slice(2, 4)), adv):
+        part, _ = ppo_loss(x, ref[s], values[s], mask[s], desirable[s], a, r, moments, ranks=2)
+        (part / 2).backward()
+        total = total + part.item() / 2
+    assert total == pytest.approx(loss.item(), abs=1e-6)
+    torch.testing.assert_close(torch.cat([h.grad for h in halves]), whole.grad)
