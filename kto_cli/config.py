@@ -310,6 +310,7 @@ def validate(run: RunConfig) -> None:
     _check(0 <= t.warmup_ratio < 1, f"trainer.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     _check(t.max_steps is None or t.max_steps > 0, "trainer.max_steps must be positive or null")
     _check(t.epochs > 0, f"trainer.epochs must be positive, got {t.epochs}")
+    _check(t.shuffle or not t.group_by_length, "trainer.group_by_length=true reorders the data: it needs trainer.shuffle=true")
     for name in ("desirable_fraction", "undesirable_fraction"):
         v = getattr(d, name)
         _check(0 < v <= 1, f"dataset.{name} must be in (0, 1], got {v}")

@@ -11,7 +11,6 @@ transformers hands to the attention kernel unchanged: `attention_mask_for` gives
 form it reads (boolean for sdpa, additive for eager, a BlockMask for flex attention).
 """
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -360,11 +359,12 @@ def layout_logps(model, groups: list, pad_id: int, layout: Layout) -> torch.Tens
 
 
 @torch.no_grad()
-def check_layout(model, groups: list, pad_id: int, layout: Layout) -> float:
+def check_layout(model, groups: list, pad_id: int, layout: Layout) -> torch.Tensor:
     """The largest difference, in nats per completion token, between the log-probs training
-    computes (layout, sparse head) and a plain full forward, over the sequences of groups."""
+    computes (layout, sparse head) and a plain full forward, over the sequences of groups. A 0-d
+    tensor (a DeepSpeed engine's forward may return no plain float)."""
     sequences = [(p, c) for p, cs in groups for c in cs]
     plain = plain_logps(model, sequences, pad_id)  # (N,)
     ours = layout_logps(model, groups, pad_id, layout)  # (N,)
     tokens = torch.tensor([max(1, len(c)) for _, c in sequences], device=plain.device)
-    return float(((ours.float() - plain) / tokens).abs().max())
+    return ((ours.float() - plain) / tokens).abs().max()

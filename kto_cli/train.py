@@ -285,13 +285,13 @@ class Trainer:
         layout = self.layout if need.kl or need.paired else Layout(
             False, None if need.per_token else self.layout.capacity, self.layout.full_logits)
         self.model.eval()
-        diff = max(dist.gather(self.backend(logprobs.check_layout, groups, self.pad_id, layout)))
+        diff = max(dist.gather(float(self.backend(logprobs.check_layout, groups, self.pad_id, layout))))
         if diff <= tolerance:
             log.info("start-up check: log-probs as trained equal a plain forward (largest difference %.2g nats "
                      "per token)", diff)
             return
         separate = Layout(False, None, layout.full_logits)
-        head_diff = max(dist.gather(self.backend(logprobs.check_layout, groups, self.pad_id, separate)))
+        head_diff = max(dist.gather(float(self.backend(logprobs.check_layout, groups, self.pad_id, separate))))
         culprit, fix = (("the sparse LM head", "model.sparse_head=false") if head_diff > tolerance else
                         ("shared-prompt/packed rows", "trainer.shared_prompt=false trainer.packing=false"))
         raise UserError(f"start-up check: for {self.cfg.model.name_or_path} ({logprobs.attention_kernel(self.model)} "
@@ -681,7 +681,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-SUMMARY_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "logps/accuracies", "logps/chosen", "logps/rejected", "kl")
+SUMMARY_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "logps/accuracies", "logps/chosen", "logps/rejected", "kl",
+                "kl/raw")
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:

@@ -81,17 +81,18 @@ def run_ours(model_name: str, steps: int, out: Path, overrides: tuple = ()) -> d
 
 def rotated_kl(split) -> list:
     """TRL's KL sequences: each batch of BATCH rows in data order pairs prompt i with completion i-1
-    (the first with the last), where kto-train uses a seeded derangement (data.kl_partners)."""
-    n = len(split)
-    last = lambda i: min(i - i % BATCH + BATCH, n) - 1  # noqa: E731  the last row of i's batch
-    return [(split.sequence(i)[0], split.sequence(i - 1 if i % BATCH else last(i))[1]) for i in range(n)]
+    (the first with the last), where kto-train uses a seeded derangement by default
+    (dataset.kl_partners=rotate gives TRL's)."""
+    from kto_cli.data import rotated_partners
+    partners = rotated_partners(len(split), BATCH)
+    return [(split.sequence(i)[0], split.sequence(j)[1]) for i, j in enumerate(partners)]
 
 
 def run_bare(model_name: str, steps: int, out: Path, lr: float = LR, trl_kl: bool = False, overrides: tuple = ()) -> dict:
     import torch
     from kto_cli.data import collate
     from kto_cli.logprobs import completion_logps, logps_of
-    from kto_cli.losses import kto_loss, kto_reference_point
+    from kto_cli.losses import kl_estimate, kto_loss
     start = time.perf_counter()
     cfg, tok, split, load = setup(model_name, steps, out, lr, overrides)
     model = load()
@@ -109,16 +110,16 @@ def run_bare(model_name: str, steps: int, out: Path, lr: float = LR, trl_kl: boo
         idx = [(step * BATCH + k) % n for k in range(BATCH)]
         with torch.no_grad():
             kl = completion_logps(model, collate([kl_seqs[i] for i in idx], tok.pad_token_id)).seq
-        z = kto_reference_point((kl - ref_kl[idx]).sum(), torch.tensor(BATCH))
+        kl = kl_estimate((kl - ref_kl[idx]).sum(), torch.tensor(BATCH))
         logps = completion_logps(model, collate([seqs[i] for i in idx], tok.pad_token_id)).seq
-        loss, m = kto_loss(logps, ref[idx], split.desirable(idx), z)
+        loss, m = kto_loss(logps, ref[idx], split.desirable(idx), kl)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step < 3:
             mean = lambda v: v.mean().item() if v.numel() else None  # noqa: E731
-            first.append({"loss": loss.item(), "kl": z.item(), "rewards/chosen": mean(m["rewards/chosen"]),
+            first.append({"loss": loss.item(), "kl": m["kl"].item(), "rewards/chosen": mean(m["rewards/chosen"]),
                           "rewards/rejected": mean(m["rewards/rejected"])})
         ends.append(time.perf_counter())
     end = time.perf_counter()

@@ -3,7 +3,8 @@ torchrun and by the deepspeed launcher, on the tiny model. The first start on a 
 DeepSpeed's CPU ops (~2 min, cached in ~/.cache/torch_extensions); later starts take ~15 s.
 
 Two ranks with micro-batches of 2 compute what one process with micro-batches of 4 computes
-(train.Trainer.optimizer_step), KTO's KL estimate included, so the losses must match."""
+(train.Trainer.optimizer_step), KTO's KL estimate, SFT's token normalisation and PPO's advantage
+whitening included, so the losses must match."""
 import json
 import os
 import shutil
@@ -35,7 +36,7 @@ def launch(run_dir, *overrides, launcher="torchrun", timeout=600):
 
 def train_losses(run_dir) -> dict:
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: (r["train/loss"], r["train/kl"]) for r in lines if "train/loss" in r}
+    return {r["step"]: (r["train/loss"], r.get("train/kl")) for r in lines if "train/loss" in r}
 
 
 def final_eval(run_dir) -> dict:
@@ -43,15 +44,18 @@ def final_eval(run_dir) -> dict:
     return [r for r in lines if "eval/loss" in r][-1]
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def one_process(run_dir, *overrides) -> tuple:
     """One plain PyTorch process, micro-batches of 4."""
     from kto_cli.train import train
-    run_dir = tmp_path_factory.mktemp("single")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KTO_CLI_CACHE", str(run_dir / "cache"))
-        train(make_config(*COMMON, "trainer.max_steps=4", "trainer.micro_batch_size=4"), run_dir)
+        train(make_config(*COMMON, "trainer.max_steps=4", "trainer.micro_batch_size=4", *overrides), run_dir)
     return train_losses(run_dir), final_eval(run_dir)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return one_process(tmp_path_factory.mktemp("single"))
 
 
 @pytest.mark.parametrize("stage", ["zero0", "zero2", "zero3"])
@@ -67,6 +71,17 @@ def test_two_ranks_match_one_process(tmp_path, single, stage):
         assert evaluated[key] == pytest.approx(single[1][key], abs=2e-5), key
     assert not list(tmp_path.glob("kto-train-rank*")) and (tmp_path / "final" / "config.json").is_file()
     assert len(list((tmp_path / "metrics.jsonl").read_text().splitlines())) == 4 + 2  # rank 0 alone wrote it
+
+
+@pytest.mark.parametrize("loss", ["sft", "ppo"])
+def test_token_normalised_losses_over_two_ranks_match_one_process(tmp_path, loss):
+    """sft divides by the tokens of both ranks' micro-batches (each rank's own count differs), ppo
+    whitens advantages over both and divides its token means likewise."""
+    expect, _ = one_process(tmp_path / "single", f"loss={loss}")
+    launch(tmp_path / "two", "deepspeed=zero2", f"loss={loss}", "trainer.max_steps=4", "trainer.micro_batch_size=2")
+    got = train_losses(tmp_path / "two")
+    for step, (value, _) in expect.items():
+        assert got[step][0] == pytest.approx(value, abs=2e-5), (loss, step)
 
 
 def test_zero3_resume_and_consolidated_final(tmp_path):

@@ -76,13 +76,38 @@ def test_length_grouped_order_is_a_seeded_permutation_with_less_padding():
     from kto_cli.train import batch_indices, epoch_permutation, length_grouped
     lengths = [(i * 37) % 101 + 1 for i in range(240)]
     order = length_grouped(lengths, batch_size=4, span=8)
-    assert sorted(order(240, 0, 0)) == list(range(240)) and order(240, 0, 0) == order(240, 0, 0)
-    assert order(240, 0, 1) != order(240, 0, 0)
+    assert sorted(order(240, 0, 0)) == list(range(240))
+    assert length_grouped(lengths, batch_size=4, span=8)(240, 0, 0) == order(240, 0, 0)  # rebuilt: the same order
+    assert order(240, 0, 1) != order(240, 0, 0) and order(240, 1, 0) != order(240, 0, 0)
 
     def padding(fn):
         batches = [batch_indices(s, 240, 4, 0, fn) for s in range(60)]
         return sum(max(lengths[i] for i in b) * 4 - sum(lengths[i] for i in b) for b in batches)
     assert padding(order) < padding(epoch_permutation) / 4
+
+
+def test_unshuffled_order_is_data_order(tmp_path):
+    from kto_cli.train import batch_indices, data_order
+    assert [batch_indices(s, 10, 4, 0, data_order) for s in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
+
+
+def test_start_up_check_passes_and_stops_a_wrong_layout(tmp_path, caplog, monkeypatch):
+    """Eager attention with the shared-prompt rows: the check logs agreement; with the old bug
+    (the boolean mask added to the scores) put back on purpose, the run stops before the reference
+    pass with one line naming the layout and the override."""
+    from kto_cli import logprobs
+    from kto_cli.config import UserError
+    caplog.set_level(logging.INFO, logger="kto_cli")
+    eager = [*TINY, "trainer.max_steps=1", "model.attn_implementation=eager"]
+    train(make_config(*eager), tmp_path / "a")
+    assert "start-up check: log-probs as trained equal a plain forward" in caplog.text
+    monkeypatch.setattr(logprobs, "attention_mask_for", lambda model, mask: mask.float())
+    with pytest.raises(UserError) as e:
+        train(make_config(*eager), tmp_path / "b")
+    message = str(e.value)
+    assert "shared-prompt/packed rows" in message and "trainer.shared_prompt=false" in message and "\n" not in message
+    assert not (tmp_path / "b" / "reference_logps.safetensors").exists()
+    train(make_config(*eager, "trainer.shared_prompt=false"), tmp_path / "c")  # the named fix works
 
 
 def test_group_by_length_run(tmp_path):
