@@ -304,10 +304,24 @@ def render(example: Example, tokenizer, use_chat_template: bool) -> tuple:
         if not full.startswith(p):
             raise UserError(f"{example.where}: the tokenizer's chat template renders the prompt differently "
                             "alone and with its completion; set model.use_chat_template=false")
-        first = prompt[0]["content"] if prompt else ""
-        return p, full[len(p):], max(0, p.find(first)) if first else 0
+        return p, full[len(p):], template_header(tokenizer, prompt, p)
     bos = tokenizer.bos_token or ""
     return bos + _flatten(example.prompt), _flatten(example.completion) + (tokenizer.eos_token or ""), len(bos)
+
+
+HEADER_SENTINEL = "KTOCLIHEADERSENTINEL"
+
+
+def template_header(tokenizer, prompt: list, rendered: str) -> int:
+    """Characters the chat template puts before the first message's content (BOS, a default system
+    prompt, role markers): found by rendering a sentinel in its place, since templates may reformat
+    content (trim it, say). 0 when the template does not render the same text before it."""
+    if not prompt:
+        return 0
+    probe = tokenizer.apply_chat_template([{**prompt[0], "content": HEADER_SENTINEL}] + prompt[1:], tokenize=False,
+                                          add_generation_prompt=True)
+    at = probe.find(HEADER_SENTINEL)
+    return at if at > 0 and rendered.startswith(probe[:at]) else 0
 
 
 def _flatten(text: Text) -> str:

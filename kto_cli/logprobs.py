@@ -333,14 +333,16 @@ def packed_logps(model, packed: dict, grad_slots: tuple = (0,), full_logits: boo
 
 # ---------------------------------------------------------------- the start-up check
 
-def plain_logps(model, sequences: list, pad_id: int) -> torch.Tensor:
-    """The textbook computation: one right-padded batch through the model's own forward, full
-    logits, log-softmax, summed over each completion. (N,)"""
-    from .data import collate
-    batch = {k: v.to(model.device) for k, v in collate(sequences, pad_id).items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()  # (N, T, V)
-    logp = torch.log_softmax(logits[:, :-1], -1).gather(2, batch["input_ids"][:, 1:, None]).squeeze(2)  # (N, T-1)
-    return (logp * batch["completion_mask"][:, 1:]).sum(1)  # (N,)
+def plain_logps(model, sequences: list) -> torch.Tensor:
+    """The textbook computation: each sequence alone through the model's own forward, full logits,
+    log-softmax, summed over its completion. One at a time, so no (N, T, V) block is held. (N,)"""
+    out = []
+    for p, c in sequences:
+        logits = model(input_ids=torch.tensor([p + c], device=model.device)).logits[0]  # (T, V)
+        logp = torch.log_softmax(logits[max(len(p) - 1, 0):len(p) + len(c) - 1].float(), -1)  # (scored, V)
+        scored = torch.tensor(c[1:] if not p else c, device=logp.device)
+        out.append(logp.gather(1, scored[:, None]).sum())
+    return torch.stack(out)
 
 
 def layout_logps(model, groups: list, pad_id: int, layout: Layout) -> torch.Tensor:
@@ -359,12 +361,15 @@ def layout_logps(model, groups: list, pad_id: int, layout: Layout) -> torch.Tens
 
 
 @torch.no_grad()
-def check_layout(model, groups: list, pad_id: int, layout: Layout) -> torch.Tensor:
-    """The largest difference, in nats per completion token, between the log-probs training
-    computes (layout, sparse head) and a plain full forward, over the sequences of groups. A 0-d
+def check_layout(model, groups: list, pad_id: int, layout: Layout, mean: bool = False) -> torch.Tensor:
+    """How far, in nats per completion token, the log-probs training computes (layout, LM head)
+    lie from a plain forward, over the sequences of groups: the largest per-sequence difference,
+    or with `mean` the total difference over the total tokens (bf16 noise averages out). A 0-d
     tensor (a DeepSpeed engine's forward may return no plain float)."""
     sequences = [(p, c) for p, cs in groups for c in cs]
-    plain = plain_logps(model, sequences, pad_id)  # (N,)
-    ours = layout_logps(model, groups, pad_id, layout)  # (N,)
-    tokens = torch.tensor([max(1, len(c)) for _, c in sequences], device=plain.device)
-    return ((ours.float() - plain) / tokens).abs().max()
+    plain = plain_logps(model, sequences)  # (N,)
+    ours = layout_logps(model, groups, pad_id, layout).float()  # (N,)
+    tokens = torch.tensor([max(1, len(c) - (not p)) for p, c in sequences], device=plain.device)  # (N,)
+    if mean:
+        return (ours - plain).abs().sum() / tokens.sum()
+    return ((ours - plain) / tokens).abs().max()

@@ -95,8 +95,8 @@ def ipo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     """IPO (Azar et al. 2023): (h - 1 / (2 tau))^2, where h is the difference of the chosen and
     rejected log-ratios, each averaged over its completion tokens (as TRL, confirmed with the IPO
     authors, and HALOs compute it), over (P,) pairs."""
-    chosen_r = (chosen_logps - ref_chosen_logps) / chosen_lengths  # (P,) per-token log-ratio
-    rejected_r = (rejected_logps - ref_rejected_logps) / rejected_lengths  # (P,)
+    chosen_r = (chosen_logps - ref_chosen_logps) / chosen_lengths.clamp(min=1)  # (P,) per-token log-ratio
+    rejected_r = (rejected_logps - ref_rejected_logps) / rejected_lengths.clamp(min=1)  # (P,)
     losses = (chosen_r - rejected_r - 1 / (2 * tau)) ** 2  # (P,)
     metrics = {"loss": losses.detach(), **_paired_metrics(tau * chosen_r, tau * rejected_r, chosen_logps, rejected_logps)}
     return losses.mean(), metrics
@@ -117,8 +117,8 @@ def slic_loss(chosen_logps, rejected_logps, beta=1.0, lambda_coef=0.1):
 def simpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta=2.0, gamma=0.5):
     """SimPO (Meng et al. 2024), reference-free and length-normalised:
     -log sigmoid(beta * logp_w / |y_w| - beta * logp_l / |y_l| - gamma)."""
-    chosen_r = beta * chosen_logps / chosen_lengths  # (P,)
-    rejected_r = beta * rejected_logps / rejected_lengths  # (P,)
+    chosen_r = beta * chosen_logps / chosen_lengths.clamp(min=1)  # (P,)
+    rejected_r = beta * rejected_logps / rejected_lengths.clamp(min=1)  # (P,)
     losses = -F.logsigmoid(chosen_r - rejected_r - gamma)  # (P,)
     metrics = {"loss": losses.detach(), **_paired_metrics(chosen_r, rejected_r, chosen_logps, rejected_logps)}
     return losses.mean(), metrics
@@ -128,8 +128,8 @@ def orpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, la
     """ORPO (Hong et al. 2024), reference-free: NLL of the chosen completion (per token) plus
     lambda * -log sigmoid(log odds(y_w) - log odds(y_l)), where odds(y) = p / (1 - p) and
     p = exp(mean token log-prob)."""
-    chosen_avg = chosen_logps / chosen_lengths  # (P,)
-    rejected_avg = rejected_logps / rejected_lengths  # (P,)
+    chosen_avg = chosen_logps / chosen_lengths.clamp(min=1)  # (P,)
+    rejected_avg = rejected_logps / rejected_lengths.clamp(min=1)  # (P,)
     log_odds = (chosen_avg - rejected_avg) - (torch.log1p(-torch.exp(chosen_avg).clamp(max=1 - 1e-6))
                                               - torch.log1p(-torch.exp(rejected_avg).clamp(max=1 - 1e-6)))
     ratio_loss = -F.logsigmoid(log_odds)  # (P,)

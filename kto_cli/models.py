@@ -89,6 +89,11 @@ def converted_gguf(cfg: ModelConfig) -> Path:
     return dest
 
 
+# Raised whenever a fix changes the log-probs kto-cli computes for some model (2: eager/flex masks,
+# the families' logit scaling), so no cache entry made by the older code is reused.
+LOGPROBS_VERSION = "logprobs-2"
+
+
 def model_key(cfg: ModelConfig, vocab_size: int, precision: str) -> str:
     """What the reference log-probs depend on besides the sequences, computable without loading the
     model: the weight and config files' hashes (or, for tiny, its config and seed), the precision
@@ -105,7 +110,7 @@ def model_key(cfg: ModelConfig, vocab_size: int, precision: str) -> str:
     else:
         folder = converted_gguf(cfg) if cfg.source == ModelSource.gguf else local_folder(cfg)
         weights = folder_digest(folder, cache_root() / "file-hashes.json") if folder else f"hub:{cfg.name_or_path}@{cfg.revision}"
-    text = f"{weights}|{precision}|torch {torch.__version__}|transformers {transformers.__version__}"
+    text = f"{weights}|{precision}|{LOGPROBS_VERSION}|torch {torch.__version__}|transformers {transformers.__version__}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

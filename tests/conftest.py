@@ -1,5 +1,7 @@
 """Shared fixtures: composing configs from the shipped tree, tiny data files, a tiny tokenizer."""
 import json
+import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,19 @@ def make_config(*overrides: str):
     """The run config `kto-train OVERRIDES` would get, as dataclasses."""
     with initialize_config_module("kto_cli.conf", version_base=None):
         return to_run_config(compose("config", overrides=list(overrides)))
+
+
+def free_port(lo: int = 0, hi: int = 0) -> int:
+    """A TCP port nothing listens on now (in [lo, hi) when given), for a launcher's rendezvous:
+    fixed ports collide when two test runs share a machine."""
+    for port in ([0] if not lo else random.sample(range(lo, hi), min(64, hi - lo))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port in [{lo}, {hi})")
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -11,6 +11,8 @@ REPO = Path(__file__).resolve().parent.parent
 SMOKE = ["model=tiny", "trainer.max_steps=2", "trainer.progress=false", "dataset.max_train_rows=8",
          "dataset.max_eval_rows=4"]
 
+pytestmark = pytest.mark.subprocess
+
 
 def kto_train(args, cwd, exe=None, env=None):
     if exe is None:

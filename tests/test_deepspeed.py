@@ -14,9 +14,10 @@ import sys
 import pytest
 import torch
 
-from conftest import make_config
+from conftest import free_port, make_config
 
 pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.distributed
 
 COMMON = ["model=tiny", "trainer.progress=false", "trainer.lr=1e-3", "trainer.warmup_ratio=0",
           "trainer.schedule=linear", "trainer.batch_size=8", "dataset.max_train_rows=16", "dataset.max_eval_rows=8"]
@@ -25,9 +26,9 @@ COMMON = ["model=tiny", "trainer.progress=false", "trainer.lr=1e-3", "trainer.wa
 def launch(run_dir, *overrides, launcher="torchrun", timeout=600):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     if launcher == "torchrun":
-        cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29611", "--no-python", "kto-train"]
+        cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "--no-python", "kto-train"]
     else:  # the deepspeed launcher appends --local_rank=N to the command line
-        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29612", shutil.which("kto-train")]
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), shutil.which("kto-train")]
     out = subprocess.run(cmd + [*COMMON, *overrides, f"hydra.run.dir={run_dir}"], env=env, capture_output=True,
                          text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
@@ -122,8 +123,9 @@ def test_srun_style_ranks_from_slurm_variables(tmp_path, single):
     """Under srun each task has only SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS and the node list:
     two such processes (started by hand here, no Slurm) find each other and train as two ranks."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    port = free_port(29500, 30500)  # kto-train takes MASTER_PORT = 29500 + job id % 1000 under srun
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost",
-               SLURM_JOB_ID="4321")
+               SLURM_JOB_ID=str(port - 29500 + 4000))
     cmd = ["kto-train", *COMMON, "deepspeed=zero2", "trainer.max_steps=4", "trainer.micro_batch_size=2",
            f"hydra.run.dir={tmp_path}"]
     procs = [subprocess.Popen(cmd, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},

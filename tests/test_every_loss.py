@@ -14,6 +14,8 @@ from kto_cli.train import Trainer, train
 
 from conftest import make_config, write_jsonl
 
+pytestmark = pytest.mark.slow
+
 TINY = ["model=tiny", "trainer.progress=false", "trainer.max_steps=3", "trainer.batch_size=4",
         "trainer.micro_batch_size=2", "dataset.max_train_rows=12", "dataset.max_eval_rows=6"]
 EXTRA = {"ppo": ["train/loss/policy", "train/loss/critic", "train/clipfrac"], "orpo": ["train/nll"],

@@ -31,7 +31,7 @@ FAMILIES = {
     "phi3": (tf.Phi3Config, {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}),
     "opt": (tf.OPTConfig, {"ffn_dim": 128, "word_embed_proj_dim": 64}),  # learned absolute positions
 }
-KERNELS = ["eager", "sdpa", "flex_attention"]
+KERNELS = ["eager", "sdpa", pytest.param("flex_attention", marks=pytest.mark.slow)]  # flex compiles per family
 # Groups of (prompt, [completions]): an example and its KL sequence, or a pair's two sides, share a prompt.
 GROUPS = [([5, 6, 7, 8], [[9, 10], [11, 12, 13]]), ([14, 15], [[16, 17, 18, 19, 20], [21]]), ([22], [[23], [24, 25]]),
           ([26, 27, 28, 29, 30, 31], [[32, 33, 34, 35]])]

@@ -33,6 +33,7 @@ def ref_values(run_dir):
     return load_file(str(run_dir / "reference_logps.safetensors"))
 
 
+@pytest.mark.slow
 def test_other_beta_batch_and_shuffle_reuse_bit_identical_values(tmp_path, compute_calls):
     train(make_config(*FIRST), tmp_path / "a")
     assert 0 < sum(compute_calls) <= 24 * 2 + 8 * 2  # train + KL, eval + KL; a repeated sequence once
@@ -45,6 +46,7 @@ def test_other_beta_batch_and_shuffle_reuse_bit_identical_values(tmp_path, compu
         assert torch.equal(a[k].nan_to_num(7.0), b[k].nan_to_num(7.0)), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", [["model.tiny.seed=1"], ["model.use_chat_template=false"],
                                     ["dataset.max_length=40", "dataset.max_prompt_length=30"],
                                     ["trainer.precision=bf16"]])
@@ -55,6 +57,7 @@ def test_changes_that_alter_the_numbers_invalidate(tmp_path, compute_calls, chan
     assert sum(compute_calls) > 0
 
 
+@pytest.mark.slow
 def test_new_data_computes_only_what_is_missing(tmp_path, compute_calls):
     train(make_config(*FIRST), tmp_path / "a")
     compute_calls.clear()
@@ -64,6 +67,7 @@ def test_new_data_computes_only_what_is_missing(tmp_path, compute_calls):
     assert 4 <= sum(compute_calls) <= 4 + 28
 
 
+@pytest.mark.slow
 def test_damaged_shard_is_set_aside_and_recomputed(tmp_path, own_cache, compute_calls):
     train(make_config(*FIRST), tmp_path / "a")
     first = sum(compute_calls)
@@ -90,6 +94,7 @@ def _write(root, barrier, values):
     cache.put(keys, torch.tensor(values))
 
 
+@pytest.mark.distributed
 def test_two_processes_writing_the_same_entry_leave_one_valid_file(tmp_path):
     ctx = mp.get_context("fork")
     barrier = ctx.Barrier(2)
@@ -113,6 +118,7 @@ def test_per_token_values_round_trip(tmp_path):
     assert again.get(keys[0])[1].tolist() == [-1.0, -2.0] and again.get(keys[1])[0] == -1.0
 
 
+@pytest.mark.distributed
 def test_precompute_in_two_processes_then_train_computes_nothing(tmp_path, own_cache, compute_calls):
     exe = Path(sys.executable).parent / "kto-precompute"
     args = [str(exe), *BASE, f"hydra.run.dir={tmp_path / 'pre'}"]
@@ -123,3 +129,13 @@ def test_precompute_in_two_processes_then_train_computes_nothing(tmp_path, own_c
     assert len(list(own_cache.rglob("*.safetensors"))) == 2  # one shard per process
     train(make_config(*FIRST), tmp_path / "a")
     assert compute_calls == []
+
+
+def test_the_key_changes_with_the_log_prob_code(monkeypatch):
+    """A fix that changes the numbers raises models.LOGPROBS_VERSION, so values computed by the older
+    code (e.g. eager attention before its mask was fixed) are not reused."""
+    from kto_cli import models
+    cfg = make_config(*BASE).model
+    before = models.model_key(cfg, 259, "fp32")
+    monkeypatch.setattr(models, "LOGPROBS_VERSION", "logprobs-next")
+    assert models.model_key(cfg, 259, "fp32") != before

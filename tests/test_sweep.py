@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+@pytest.mark.subprocess
 def test_multirun_2x2_computes_the_reference_once_and_reports(tmp_path):
     sweep = tmp_path / "sweep"
     kto_train("-m", *TINY, "trainer.max_steps=3", "loss.beta=0.1,0.5", "loss.desirable_weight=1,1.33",
@@ -50,6 +50,7 @@ def test_multirun_2x2_computes_the_reference_once_and_reports(tmp_path):
     assert (sweep / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.subprocess
 def test_concurrent_points_compute_the_reference_once(tmp_path):
     """Two runs started together on an empty cache: one computes, the other waits on the cache
     lock and then reads every value."""
@@ -79,6 +80,7 @@ def test_slurm_launcher_config_composes():
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node, launcher.partition) == (2, 8, 8, "gpu")
 
 
+@pytest.mark.subprocess
 def test_submitit_local_executor_runs_one_point(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
@@ -114,6 +116,7 @@ def fake_slurm(tmp_path):
     return env, log
 
 
+@pytest.mark.subprocess
 def test_sweep_script_submits_one_array_task_per_point(tmp_path, fake_slurm):
     env, log = fake_slurm
     env["SWEEP_DIR"] = str(tmp_path / "sw")
@@ -142,6 +145,7 @@ def test_sweep_script_submits_one_array_task_per_point(tmp_path, fake_slurm):
     assert "requeue" not in log.read_text()
 
 
+@pytest.mark.subprocess
 def test_train_sbatch_forwards_the_signal_and_requeues(tmp_path, fake_slurm):
     """USR1 from Slurm reaches the batch shell; it passes it to srun, kto-train exits 75 after its
     checkpoint, and the script requeues the job."""
@@ -168,6 +172,7 @@ def losses(run_dir: Path) -> dict:
     return {r["step"]: r["train/loss"] for r in lines if "train/loss" in r}
 
 
+@pytest.mark.subprocess
 def test_preemption_signal_checkpoints_and_resume_continues(tmp_path):
     args = [*TINY, "trainer.max_steps=150", "trainer.schedule=constant", "trainer.warmup_ratio=0",
             "dataset.eval=null"]

@@ -20,6 +20,7 @@ def records(run_dir, split):
     return [r for r in lines if f"{split}/loss" in r]
 
 
+@pytest.mark.slow
 def test_tiny_run_learns_and_exports(tmp_path):
     summary = train(make_config(*TINY, "trainer.max_steps=40"), tmp_path)
     losses = [r["train/loss"] for r in records(tmp_path, "train")]
@@ -37,6 +38,7 @@ def test_tiny_run_learns_and_exports(tmp_path):
     assert not list(tmp_path.rglob("*.tmp-*"))  # no temp files left behind
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses_and_resume_continues_them(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     train(make_config(*TINY, "trainer.max_steps=6", "trainer.save_every=3", "trainer.batch_size=4",
@@ -62,6 +64,7 @@ def test_same_seed_same_losses_and_resume_continues_them(tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+@pytest.mark.slow
 def test_imbalanced_data_warns_and_auto_weight_fixes_it(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="kto_cli")
     imbalanced = [*TINY, "dataset.max_train_rows=40", "dataset.desirable_fraction=0.25", "trainer.max_steps=1"]
@@ -91,6 +94,7 @@ def test_unshuffled_order_is_data_order(tmp_path):
     assert [batch_indices(s, 10, 4, 0, data_order) for s in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
 
 
+@pytest.mark.slow
 def test_start_up_check_passes_and_stops_a_wrong_layout(tmp_path, caplog, monkeypatch):
     """Eager attention with the shared-prompt rows: the check logs agreement; with the old bug
     (the boolean mask added to the scores) put back on purpose, the run stops before the reference
@@ -110,6 +114,7 @@ def test_start_up_check_passes_and_stops_a_wrong_layout(tmp_path, caplog, monkey
     train(make_config(*eager, "trainer.shared_prompt=false"), tmp_path / "c")  # the named fix works
 
 
+@pytest.mark.slow
 def test_group_by_length_run(tmp_path):
     summary = train(make_config(*TINY, "trainer.max_steps=4", "trainer.group_by_length=true"), tmp_path)
     assert summary["steps"] == 4 and (tmp_path / "final" / "config.json").is_file()

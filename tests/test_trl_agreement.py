@@ -11,6 +11,8 @@ import pytest
 
 from kto_cli.train import train
 
+pytestmark = pytest.mark.slow
+
 BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench_vs_trl.py"
 KEYS = ("loss", "kl", "rewards/chosen", "rewards/rejected")
 
