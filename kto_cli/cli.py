@@ -37,7 +37,8 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint; run a
 
 @hydra.main(version_base=None, config_path="pkg://kto_cli.conf", config_name="config")
 def _train(cfg: DictConfig) -> None:
-    from .train import Preempted, train  # imported late: torch and transformers load slowly
+    from .preemption import Preempted  # imported late: torch and transformers load slowly
+    from .train import train
 
     try:
         run = to_run_config(cfg)
@@ -55,7 +56,7 @@ def _train(cfg: DictConfig) -> None:
 
 @hydra.main(version_base=None, config_path="pkg://kto_cli.conf", config_name="config")
 def _precompute(cfg: DictConfig) -> None:
-    from .train import precompute
+    from .precompute import precompute
 
     try:
         precompute(to_run_config(cfg))

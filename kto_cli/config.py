@@ -4,7 +4,9 @@ The dataclasses below are registered with Hydra's ConfigStore as the schema of `
 so a YAML file or an override with an unknown key or a wrong type (`loss.beta=abc`) fails while
 Hydra composes, before any model loads. `validate` adds the checks a type cannot express.
 """
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, Dict, Optional
 
@@ -331,3 +333,14 @@ def validate(run: RunConfig) -> None:
         _check(0 < run.loss.cliprange < 1, f"loss.cliprange must be in (0, 1), got {run.loss.cliprange}")
     if isinstance(run.loss, DPOLossConfig):
         _check(0 <= run.loss.label_smoothing < 0.5, f"loss.label_smoothing must be in [0, 0.5), got {run.loss.label_smoothing}")
+
+
+def config_digest(cfg: RunConfig, groups: tuple = ()) -> str:
+    """A hash of the config (of only these groups, when given)."""
+    keep = {k: v for k, v in asdict(cfg).items() if not groups or k in groups}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint(cfg: RunConfig) -> str:
+    """What a checkpoint must agree with to be resumed (not the step counts or logging)."""
+    return config_digest(cfg, ("model", "dataset", "loss"))

@@ -18,7 +18,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import distributed as dist
+from . import objectives
+from .config import CacheMode, Precision, RunConfig
 from .logprobs import Layout, logps_of
+from .models import cache_root, model_key
 from .refcache import RefCache, sequence_key
 
 log = logging.getLogger("kto_cli")
@@ -147,3 +150,20 @@ def load(path: Path, fingerprint: str) -> Optional[ReferenceLogps]:
         if (f.metadata() or {}).get("fingerprint") != fingerprint:
             return None
     return ReferenceLogps(**load_file(str(path)))
+
+
+def open_cache(cfg: RunConfig, tokenizer) -> Optional[RefCache]:
+    """The shared reference cache for this model and precision (None with reference.cache=off)."""
+    r = cfg.reference
+    if r.cache == CacheMode.off:
+        return None
+    root = Path(r.cache_dir) if r.cache_dir else cache_root() / "reference"
+    key = model_key(cfg.model, len(tokenizer), precision_tag(cfg))
+    return RefCache(root, key, objectives.needs(cfg.loss.name).per_token, writable=r.cache == CacheMode.readwrite)
+
+
+def precision_tag(cfg: RunConfig) -> str:
+    """How the reference values were computed: bf16 autocast over fp32 weights (plain PyTorch) and
+    bf16 weights (DeepSpeed) give different numbers."""
+    p = cfg.trainer.precision.value
+    return f"{p}-weights" if cfg.deepspeed.stage is not None and cfg.trainer.precision == Precision.bf16 else p

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from .metrics import read_metrics
+
 # held-out metrics in the table and the plot, in this order
 METRICS = ("rewards/accuracies", "logps/accuracies", "rewards/margins", "loss")
 HIGHER_IS_BETTER = {"rewards/accuracies": True, "logps/accuracies": True, "rewards/margins": True, "loss": False}
@@ -26,22 +28,15 @@ def read_point(run_dir: Path) -> dict:
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
     swept = dict(o.lstrip("+~").split("=", 1) for o in overrides or [] if "=" in o and not o.startswith("hydra"))
-    records = []
-    if (run_dir / "metrics.jsonl").is_file():
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a line being written right now
-                break
-    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
-    steps = max((r["step"] for r in records if "train/loss" in r), default=0)
+    evals = read_metrics(run_dir, "eval")
+    steps = max((r["step"] for r in read_metrics(run_dir, "train")), default=0)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else None
     point = {"run": run_dir.name, "swept": swept, "status": "done" if summary else "running", "steps": steps,
              "wall_s": summary["wall_seconds"] if summary else None}
     last = evals[-1] if evals else {}
     for m in METRICS:
-        point[f"final {m}"] = last.get(f"eval/{m}")
-        values = [r[f"eval/{m}"] for r in evals if f"eval/{m}" in r]
+        point[f"final {m}"] = last.get(m)
+        values = [r[m] for r in evals if m in r]
         point[f"best {m}"] = (max if HIGHER_IS_BETTER[m] else min)(values) if values else None
     return point
 

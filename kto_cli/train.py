@@ -5,16 +5,10 @@
 """
 import contextlib
 import functools
-import hashlib
 import json
 import logging
-import math
-import signal
-import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -25,12 +19,15 @@ from . import logprobs, objectives
 from . import reference as reference_mod
 from .backend import DeepSpeedBackend, Policy, TorchBackend, accumulation, ds_config
 from .checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import CacheMode, KTOLossConfig, ModelSource, Precision, RunConfig, UnpairMode, UserError
-from .data import Split, build_splits, collate
+from .config import KTOLossConfig, ModelSource, Precision, RunConfig, UnpairMode, UserError, config_digest, fingerprint
+from .data import build_splits, collate
 from .logprobs import Layout, Logps, completion_logps, packed_batch, packed_logps, to_device
-from .losses import kl_estimate, pair_wins
-from .models import cache_root, load_model, load_tokenizer, model_key
-from .refcache import RefCache
+from .losses import kl_estimate
+from .metrics import MetricSums, MetricsLog, pair_accuracy, peak_gpu_mb, peak_rss_mb, print_summary
+from .models import load_model, load_tokenizer
+from .preemption import Preempted, Preemption
+from .reference import open_cache
+from .sampling import batch_indices, data_order, length_grouped, total_steps, visited_indices
 
 log = logging.getLogger("kto_cli")
 
@@ -70,120 +67,7 @@ def kto_weights(loss: KTOLossConfig, n_desirable: int, n_undesirable: int) -> tu
     return w_d, w_u
 
 
-def total_steps(cfg: RunConfig, n_train: int) -> int:
-    t = cfg.trainer
-    return t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * n_train / t.batch_size))
-
-
-def batch_indices(step: int, n: int, batch_size: int, seed: int, order=None) -> list:
-    """The units of an optimizer step: a stream of per-epoch orders (order(n, seed, epoch), a seeded
-    shuffle by default) that depends only on the seed, so a resumed run sees the same batches."""
-    order = order or epoch_permutation
-    out = []
-    for pos in range(step * batch_size, (step + 1) * batch_size):
-        epoch, k = divmod(pos, n)
-        out.append(order(n, seed, epoch)[k])
-    return out
-
-
-def visited_indices(steps: int, n: int, batch_size: int, seed: int, order=None) -> list:
-    """Every unit some step of the run will use, sorted."""
-    if steps * batch_size >= n:
-        return range(n)
-    return sorted(set((order or epoch_permutation)(n, seed, 0)[: steps * batch_size]))
-
-
-def data_order(n: int, seed: int, epoch: int) -> list:
-    """trainer.shuffle=false: every epoch in data order."""
-    return list(range(n))
-
-
-@functools.lru_cache(maxsize=4)
-def epoch_permutation(n: int, seed: int, epoch: int) -> list:
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
-def length_grouped(lengths: list, batch_size: int, span: int = 64):
-    """An epoch order in which each batch holds units of similar length (less padding): the seeded
-    shuffle is cut into blocks of span batches, each block sorted by length and cut into batches,
-    and the batches shuffled again, so long batches do not all come last."""
-    @functools.lru_cache(maxsize=4)
-    def order(n: int, seed: int, epoch: int) -> list:
-        perm = epoch_permutation(n, seed, epoch)
-        block = batch_size * span
-        batches = []
-        for start in range(0, n, block):
-            chunk = sorted(perm[start:start + block], key=lambda i: lengths[i])
-            batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
-        return [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
-    return order
-
-
-def open_cache(cfg: RunConfig, tokenizer) -> Optional[RefCache]:
-    """The shared reference cache for this model and precision (None with reference.cache=off)."""
-    r = cfg.reference
-    if r.cache == CacheMode.off:
-        return None
-    root = Path(r.cache_dir) if r.cache_dir else cache_root() / "reference"
-    key = model_key(cfg.model, len(tokenizer), precision_tag(cfg))
-    return RefCache(root, key, objectives.needs(cfg.loss.name).per_token, writable=r.cache == CacheMode.readwrite)
-
-
-def precision_tag(cfg: RunConfig) -> str:
-    """How the reference values were computed: bf16 autocast over fp32 weights (plain PyTorch) and
-    bf16 weights (DeepSpeed) give different numbers."""
-    p = cfg.trainer.precision.value
-    return f"{p}-weights" if cfg.deepspeed.stage is not None and cfg.trainer.precision == Precision.bf16 else p
-
-
-def config_digest(cfg: RunConfig, groups: tuple = ()) -> str:
-    """A hash of the config (of only these groups, when given)."""
-    keep = {k: v for k, v in asdict(cfg).items() if not groups or k in groups}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def fingerprint(cfg: RunConfig) -> str:
-    """What a checkpoint must agree with to be resumed (not the step counts or logging)."""
-    return config_digest(cfg, ("model", "dataset", "loss"))
-
-
 # ---------------------------------------------------------------- metrics
-
-class MetricSums:
-    """Sums and counts of per-example metric values, over micro-batches (and, later, ranks)."""
-
-    def __init__(self):
-        self.sums, self.counts = {}, {}
-
-    def add(self, metrics: dict) -> None:
-        if not metrics:
-            return
-        sums = torch.stack([v.detach().float().sum() for v in metrics.values()]).tolist()  # one device sync
-        for (k, v), total in zip(metrics.items(), sums):
-            self.sums[k] = self.sums.get(k, 0.0) + total
-            self.counts[k] = self.counts.get(k, 0) + v.numel()
-
-    def means(self, across_ranks: bool = False) -> dict:
-        """Means over every value added here (and on every rank, with across_ranks: a collective)."""
-        keys = sorted(self.sums)
-        if across_ranks and dist.world() > 1:
-            both = dist.all_sum(torch.tensor([self.sums[k] for k in keys] + [self.counts[k] for k in keys], dtype=torch.float64))
-            self.sums = dict(zip(keys, both[:len(keys)].tolist()))
-            self.counts = dict(zip(keys, both[len(keys):].tolist()))
-        out = {k: self.sums[k] / self.counts[k] for k in keys if self.counts[k]}
-        if "rewards/chosen" in out and "rewards/rejected" in out:
-            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
-        return out
-
-
-def pair_accuracy(split: Split, scores: torch.Tensor) -> Optional[float]:
-    """Share of held-out pairs whose chosen completion scores above the rejected one (ties: 1/2)."""
-    pairs = split.pairs()
-    if not pairs:
-        return None
-    return float(pair_wins(scores[[p[0] for p in pairs]], scores[[p[1] for p in pairs]]).mean())
 
 
 # ---------------------------------------------------------------- the steps
@@ -514,39 +398,6 @@ class Trainer:
 
 # ---------------------------------------------------------------- the run
 
-class MetricsLog:
-    """metrics.jsonl in the run dir, one JSON object per logged step, flushed as written."""
-
-    def __init__(self, path: Path, resume_step: int = 0):
-        """resume_step > 0 keeps the records up to that step (a crashed run may have logged past its
-        last checkpoint; those steps are about to be run again)."""
-        self.path = path
-        kept = []
-        if resume_step and path.is_file():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if json.loads(line)["step"] <= resume_step]
-        self.f = open(path, "w", encoding="utf-8")
-        self.f.writelines(line + "\n" for line in kept)
-
-    @staticmethod
-    def first_in(path: Path, split: str) -> dict:
-        """The first logged record of a split, without its prefix ({} if none)."""
-        if not path.is_file():
-            return {}
-        for line in path.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            if any(k.startswith(f"{split}/") for k in record):
-                return {k[len(split) + 1:]: v for k, v in record.items() if k.startswith(f"{split}/")}
-        return {}
-
-    def close(self) -> None:
-        self.f.close()
-
-    def write(self, step: int, split: str, metrics: dict) -> None:
-        record = {"step": step, "time": time.time(), **{f"{split}/{k}": v for k, v in metrics.items()}}
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
-
 
 def train(cfg: RunConfig, run_dir: Path) -> dict:
     """Runs the whole job in run_dir (rank 0's, under several processes); returns the summary it
@@ -608,55 +459,6 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     return summary
 
 
-class Preempted(Exception):
-    """The run stopped early on a signal, after writing a checkpoint to resume from."""
-
-    def __init__(self, step: int, run_dir: Path, signum: int):
-        super().__init__(f"stopped on {signal.Signals(signum).name} after step {step}; checkpoint "
-                         f"{run_dir / 'checkpoints' / f'step_{step:07d}'}; the same command with "
-                         f"trainer.resume=auto and hydra.run.dir={run_dir} continues from it")
-        self.step = step
-
-
-class Preemption:
-    """Catches the signal Slurm sends before a time limit or a preemption (SIGUSR1 with sbatch
-    --signal=USR1@SECONDS; SIGUSR2 under submitit; SIGTERM at the limit itself): the loop finishes
-    its step, writes a checkpoint and stops (Preempted), so a requeued job resumes from it. With
-    several processes every rank stops at the same step (the flag is reduced over ranks each step)."""
-    SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
-
-    def __init__(self):
-        self.signal, self.previous = None, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            for s in self.SIGNALS:
-                self.previous[s] = signal.signal(s, self.handle)
-        return self
-
-    def handle(self, signum, frame) -> None:
-        self.signal = signum
-        log.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
-
-    def requested(self) -> bool:
-        got = dist.all_max(int(self.signal is not None))
-        if got and self.signal is None:
-            self.signal = signal.SIGUSR1  # another rank got it
-        return bool(got)
-
-    def hand_over(self) -> None:
-        """After the checkpoint: a handler that was there before ours (submitit's, which requeues
-        the job) gets the signal too."""
-        previous = self.previous.get(self.signal)
-        if callable(previous):
-            previous(self.signal, None)
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-        return False
-
-
 def resume(tr: Trainer, run_dir: Path) -> int:
     spec = tr.cfg.trainer.resume
     if not spec:
@@ -678,63 +480,3 @@ def condition_on_good(tokenizer, good_token: str) -> None:
         tokenizer.chat_template += "{% if add_generation_prompt %}{{ '" + good_token + "' }}{% endif %}"
     else:
         log.warning("the tokenizer has no chat template: end prompts with %s when sampling from final/", good_token)
-
-
-def peak_gpu_mb() -> Optional[float]:
-    """This process's peak GPU memory held by tensors (None without CUDA)."""
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-
-
-def peak_rss_mb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-SUMMARY_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "logps/accuracies", "logps/chosen", "logps/rejected", "kl",
-                "kl/raw")
-
-
-def print_summary(summary: dict, run_dir: Path) -> None:
-    before, after = summary["eval_before"], summary["eval_after"]
-    lines = [f"\nkto-train: {summary['steps']} steps in {summary['train_seconds']:.0f} s "
-             f"(wall {summary['wall_seconds']:.0f} s, peak RSS {summary['peak_rss_mb']:.0f} MB)"]
-    if after:
-        lines.append(f"{'held-out metric':<22}{'before':>10}{'after':>10}")
-        for k in SUMMARY_KEYS:
-            if k in after:
-                lines.append(f"{k:<22}{before.get(k, float('nan')):>10.4f}{after[k]:>10.4f}")
-    lines.append(f"run dir: {run_dir}   model: {run_dir / 'final'}")
-    print("\n".join(lines), flush=True)
-
-
-def precompute(cfg: RunConfig) -> dict:
-    """kto-precompute: fills the shared cache with the reference log-probs of every train and eval
-    example (and KL sequence, for kto) that the same overrides would train on. Several processes
-    each compute their share of what is missing; the model loads only if something is."""
-    tr = Trainer(cfg, run_dir=None)
-    if not tr.need.reference:
-        raise UserError(f"loss={cfg.loss.name} uses no reference model: nothing to precompute")
-    if cfg.reference.cache != CacheMode.readwrite:
-        raise UserError("kto-precompute writes the reference cache: set reference.cache=readwrite")
-    tr.tokenizer = load_tokenizer(cfg.model)
-    tr.pad_id = tr.tokenizer.pad_token_id
-    tr.splits = tr.load_data()
-    used = {name: (split, range(len(split))) for name, split in tr.splits.items()}
-    rank, local_rank, world = dist.env_ranks()
-    if tr.device.type == "cuda" and tr.device.index is None:
-        tr.device = torch.device("cuda", local_rank)  # one GPU per process on a node
-    cache = open_cache(cfg, tr.tokenizer)
-    _, report = reference_mod.reference_pass(lambda: reference_model(cfg, tr), used, tr.need.kl, tr.need.per_token,
-                                             cache, cfg.reference.batch_size, tr.pad_id, tr.device, tr.autocast,
-                                             tr.show_progress, shard=(rank, world),
-                                             layout=Layout(cfg.trainer.shared_prompt, None, not cfg.model.sparse_head))
-    print(f"kto-precompute: {report['reused']} values already cached, {report['computed']} computed "
-          f"(process {rank} of {world}) in {cache.dir}", flush=True)
-    return report
-
-
-def reference_model(cfg: RunConfig, tr: Trainer):
-    """The model as training will run it: under DeepSpeed with bf16 the engine holds bf16 weights
-    (not fp32 weights under autocast), so the values match what a training run would compute."""
-    model = load_model(cfg.model, tr.tokenizer).to(tr.device)
-    return model.to(torch.bfloat16) if tr.deepspeed and cfg.trainer.precision == Precision.bf16 else model

@@ -69,13 +69,14 @@ def run_ours(model_name: str, steps: int, out: Path, overrides: tuple = ()) -> d
     cfg, _, split, _ = setup(model_name, steps, out, overrides=overrides)
     start = time.perf_counter()
     summary = train(cfg, out)
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    first = [r for r in lines if "train/loss" in r][:3]
-    ends = [r["time"] for r in lines if "train/loss" in r]  # wall clock as each step was logged
+    from kto_cli.metrics import read_metrics
+    steps = read_metrics(out, "train")
+    first = steps[:3]
+    ends = [r["time"] for r in steps]  # wall clock as each step was logged
     return {"train_s": summary["train_seconds"], "first_step_s": summary["wall_seconds"] - summary["train_seconds"],
             "total_s": time.perf_counter() - start, "tokens": steps * BATCH * mean_tokens(split),
             "steady_s": ends[-1] - ends[0],
-            "first_steps": [{k: r.get(f"train/{k}") for k in ("loss", "kl", "rewards/chosen", "rewards/rejected")}
+            "first_steps": [{k: r.get(k) for k in ("loss", "kl", "rewards/chosen", "rewards/rejected")}
                             for r in first]}
 
 

@@ -28,6 +28,7 @@ python3 - "$OUT" "$PEAK_TFLOPS" <<'EOF'
 import json, math, statistics, sys
 from pathlib import Path
 from safetensors import safe_open
+from kto_cli.metrics import read_metrics
 out, peak = Path(sys.argv[1]), float(sys.argv[2]) * 1e12
 for stage in ("zero2", "zero3"):
     run = out / stage
@@ -35,10 +36,9 @@ for stage in ("zero2", "zero3"):
     for f in (run / "final").glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
             n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    recs = [r for r in recs if "train/tokens/s" in r][2:]  # steady state: leave out the first two steps
+    recs = read_metrics(run, "train")[2:]  # steady state: leave out the first two steps
     times = [b["time"] - a["time"] for a, b in zip(recs, recs[1:])]
-    tok_s = statistics.median(r["train/tokens/s"] for r in recs)
+    tok_s = statistics.median(r["tokens/s"] for r in recs)
     summary = json.loads((run / "summary.json").read_text())
     mfu = 8 * n * tok_s / peak
     print(f"{stage}: {n / 1e9:.2f}B params, step {statistics.median(times):.3f} s, {tok_s:,.0f} policy tokens/s, "

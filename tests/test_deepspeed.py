@@ -5,7 +5,6 @@ DeepSpeed's CPU ops (~2 min, cached in ~/.cache/torch_extensions); later starts 
 Two ranks with micro-batches of 2 compute what one process with micro-batches of 4 computes
 (train.Trainer.optimizer_step), KTO's KL estimate, SFT's token normalisation and PPO's advantage
 whitening included, so the losses must match."""
-import json
 import os
 import shutil
 import subprocess
@@ -13,6 +12,8 @@ import sys
 
 import pytest
 import torch
+
+from kto_cli.metrics import read_metrics
 
 from conftest import free_port, make_config
 
@@ -36,13 +37,11 @@ def launch(run_dir, *overrides, launcher="torchrun", timeout=600):
 
 
 def train_losses(run_dir) -> dict:
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: (r["train/loss"], r.get("train/kl")) for r in lines if "train/loss" in r}
+    return {r["step"]: (r["loss"], r.get("kl")) for r in read_metrics(run_dir, "train")}
 
 
 def final_eval(run_dir) -> dict:
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if "eval/loss" in r][-1]
+    return read_metrics(run_dir, "eval")[-1]
 
 
 def one_process(run_dir, *overrides) -> tuple:
@@ -68,10 +67,10 @@ def test_two_ranks_match_one_process(tmp_path, single, stage):
         assert got[step][0] == pytest.approx(loss, abs=2e-5), (stage, step)
         assert got[step][1] == pytest.approx(kl, abs=2e-5), (stage, step)
     evaluated = final_eval(tmp_path)  # every rank evaluates the whole held-out split after step 4
-    for key in ("eval/loss", "eval/rewards/margins", "eval/rewards/accuracies", "eval/logps/accuracies"):
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/accuracies"):
         assert evaluated[key] == pytest.approx(single[1][key], abs=2e-5), key
     assert not list(tmp_path.glob("kto-train-rank*")) and (tmp_path / "final" / "config.json").is_file()
-    assert len(list((tmp_path / "metrics.jsonl").read_text().splitlines())) == 4 + 2  # rank 0 alone wrote it
+    assert len(read_metrics(tmp_path)) == 4 + 2  # rank 0 alone wrote it
 
 
 @pytest.mark.parametrize("loss", ["sft", "ppo"])

@@ -1,6 +1,5 @@
 """Each loss trains through the one loop on the tiny model, logs the shared metric names and saves
 final/; the loop does only the work the loss needs, and mismatched data fails with one line."""
-import json
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kto_cli.config import UserError
+from kto_cli.metrics import read_metrics
 from kto_cli.models import load_tokenizer
 from kto_cli.objectives import NEEDS, units
 from kto_cli.train import Trainer, train
@@ -18,25 +18,23 @@ pytestmark = pytest.mark.slow
 
 TINY = ["model=tiny", "trainer.progress=false", "trainer.max_steps=3", "trainer.batch_size=4",
         "trainer.micro_batch_size=2", "dataset.max_train_rows=12", "dataset.max_eval_rows=6"]
-EXTRA = {"ppo": ["train/loss/policy", "train/loss/critic", "train/clipfrac"], "orpo": ["train/nll"],
-         "slic": ["train/nll"], "kto": ["train/kl"]}
+EXTRA = {"ppo": ["loss/policy", "loss/critic", "clipfrac"], "orpo": ["nll"], "slic": ["nll"], "kto": ["kl", "kl/raw"]}
 
 
 @pytest.mark.parametrize("loss", sorted(NEEDS))
 def test_every_loss_trains_logs_and_exports(tmp_path, loss):
     summary = train(make_config(*TINY, f"loss={loss}"), tmp_path)
-    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    train_lines = [r for r in lines if "train/loss" in r]
+    train_lines = read_metrics(tmp_path, "train")
     assert [r["step"] for r in train_lines] == [1, 2, 3]
     keys = set(train_lines[0])
-    assert {"train/grad_norm", "train/lr", "train/tokens/s", "train/logps/chosen"} <= keys
+    assert {"grad_norm", "lr", "tokens/s", "logps/chosen"} <= keys
     if loss not in ("sft", "csft"):
-        assert {"train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins"} <= keys
+        assert {"rewards/chosen", "rewards/rejected", "rewards/margins"} <= keys
     if NEEDS[loss].paired:
-        assert "train/rewards/accuracies" in keys
+        assert "rewards/accuracies" in keys
     for key in EXTRA.get(loss, []):
         assert key in keys
-    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in train_lines)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_lines)
     assert "logps/accuracies" in summary["eval_after"]
     assert (tmp_path / "final" / "model.safetensors").is_file()
     assert (tmp_path / "reference_logps.safetensors").is_file() == NEEDS[loss].reference
@@ -104,8 +102,7 @@ def test_batch_layouts_change_no_number(tmp_path, loss):
     runs = {}
     for name, overrides in LAYOUTS.items():
         train(make_config(*TINY, f"loss={loss}", "trainer.lr=1e-3", *overrides), tmp_path / name)
-        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        runs[name] = [r["train/loss"] for r in lines if "train/loss" in r]
+        runs[name] = [r["loss"] for r in read_metrics(tmp_path / name, "train")]
     for name in LAYOUTS:
         assert runs[name] == pytest.approx(runs["separate"], abs=1e-5), name
 
@@ -126,6 +123,5 @@ def test_truncated_prompts_stay_shared(tmp_path, loss):
     runs = {}
     for name, overrides in (("separate", ["trainer.shared_prompt=false"]), ("shared", [])):
         train(make_config(*TINY, f"loss={loss}", "trainer.lr=1e-3", *short, *overrides), tmp_path / name)
-        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        runs[name] = [r["train/loss"] for r in lines if "train/loss" in r]
+        runs[name] = [r["loss"] for r in read_metrics(tmp_path / name, "train")]
     assert runs["shared"] == pytest.approx(runs["separate"], abs=1e-5)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from kto_cli.metrics import read_metrics
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model=tiny", "trainer.progress=false", "dataset.max_train_rows=12", "dataset.max_eval_rows=6",
         "trainer.batch_size=4", "trainer.micro_batch_size=4", "trainer.lr=1e-3"]
@@ -168,8 +170,7 @@ def test_train_sbatch_forwards_the_signal_and_requeues(tmp_path, fake_slurm):
 # ---------------------------------------------------------------- preemption
 
 def losses(run_dir: Path) -> dict:
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in lines if "train/loss" in r}
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
 
 
 @pytest.mark.subprocess

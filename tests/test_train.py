@@ -1,5 +1,4 @@
 """End-to-end runs of the loop on the tiny model and the shipped data (seconds each)."""
-import json
 import logging
 import shutil
 
@@ -7,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kto_cli.metrics import read_metrics
 from kto_cli.train import train
 
 from conftest import make_config
@@ -15,19 +15,14 @@ TINY = ["model=tiny", "trainer.progress=false", "trainer.lr=2e-3", "trainer.warm
         "trainer.schedule=constant", "dataset.max_train_rows=16", "dataset.max_eval_rows=8"]
 
 
-def records(run_dir, split):
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if f"{split}/loss" in r]
-
-
 @pytest.mark.slow
 def test_tiny_run_learns_and_exports(tmp_path):
     summary = train(make_config(*TINY, "trainer.max_steps=40"), tmp_path)
-    losses = [r["train/loss"] for r in records(tmp_path, "train")]
+    losses = [r["loss"] for r in read_metrics(tmp_path, "train")]
     assert len(losses) == 40 and losses[0] == pytest.approx(0.5, abs=1e-6)  # policy == reference at step 1
     assert sum(losses[-5:]) / 5 < 0.4  # it learns to tell the 16 pairs apart
     assert summary["eval_after"]["rewards/margins"] > summary["eval_before"]["rewards/margins"] == 0
-    evals = records(tmp_path, "eval")
+    evals = read_metrics(tmp_path, "eval")
     assert [r["step"] for r in evals] == [0, 40]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     tok = AutoTokenizer.from_pretrained(tmp_path / "final")
@@ -49,14 +44,14 @@ def test_same_seed_same_losses_and_resume_continues_them(tmp_path):
     shutil.copy(a / "reference_logps.safetensors", b)
     train(make_config(*TINY, "trainer.max_steps=6", "trainer.save_every=3", "trainer.batch_size=4",
                       "trainer.micro_batch_size=2", "trainer.resume=auto"), b)
-    full = {r["step"]: r["train/loss"] for r in records(a, "train")}
-    resumed = {r["step"]: r["train/loss"] for r in records(b, "train")}
+    full = {r["step"]: r["loss"] for r in read_metrics(a, "train")}
+    resumed = {r["step"]: r["loss"] for r in read_metrics(b, "train")}
     assert sorted(resumed) == [4, 5, 6]
     # resuming a again from its step-3 checkpoint drops the logged steps 4-6 before running them again
     shutil.rmtree(a / "checkpoints" / "step_0000006")
     train(make_config(*TINY, "trainer.max_steps=6", "trainer.save_every=3", "trainer.batch_size=4",
                       "trainer.micro_batch_size=2", "trainer.resume=auto"), a)
-    assert [r["step"] for r in records(a, "train")] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in read_metrics(a, "train")] == [1, 2, 3, 4, 5, 6]
     for step, loss in resumed.items():
         assert loss == pytest.approx(full[step], abs=1e-6)
     wa = AutoModelForCausalLM.from_pretrained(a / "final").state_dict()
@@ -73,25 +68,6 @@ def test_imbalanced_data_warns_and_auto_weight_fixes_it(tmp_path, caplog):
     caplog.clear()
     train(make_config(*imbalanced, "loss.auto_desirable_weight=true"), tmp_path / "b")
     assert "lambda_D = 4.0000" in caplog.text and "outside" not in caplog.text
-
-
-def test_length_grouped_order_is_a_seeded_permutation_with_less_padding():
-    from kto_cli.train import batch_indices, epoch_permutation, length_grouped
-    lengths = [(i * 37) % 101 + 1 for i in range(240)]
-    order = length_grouped(lengths, batch_size=4, span=8)
-    assert sorted(order(240, 0, 0)) == list(range(240))
-    assert length_grouped(lengths, batch_size=4, span=8)(240, 0, 0) == order(240, 0, 0)  # rebuilt: the same order
-    assert order(240, 0, 1) != order(240, 0, 0) and order(240, 1, 0) != order(240, 0, 0)
-
-    def padding(fn):
-        batches = [batch_indices(s, 240, 4, 0, fn) for s in range(60)]
-        return sum(max(lengths[i] for i in b) * 4 - sum(lengths[i] for i in b) for b in batches)
-    assert padding(order) < padding(epoch_permutation) / 4
-
-
-def test_unshuffled_order_is_data_order(tmp_path):
-    from kto_cli.train import batch_indices, data_order
-    assert [batch_indices(s, 10, 4, 0, data_order) for s in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
 
 
 @pytest.mark.slow

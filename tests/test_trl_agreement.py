@@ -4,11 +4,11 @@ order, as TRL's sequential sampler) and KL pairs (dataset.kl_partners=rotate: TR
 within each per-device batch). Three desirable examples to one undesirable and a high learning rate
 move the policy after step 1 (loss 0.5, KL 0: policy == reference), so steps 2 and 3 have KL > 0."""
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
 
+from kto_cli.metrics import read_metrics
 from kto_cli.train import train
 
 pytestmark = pytest.mark.slow
@@ -30,8 +30,7 @@ def test_first_steps_match_trl_through_the_trainer(tmp_path):
     cfg = bench.compose("tiny", 3, tmp_path, lr=2e-3,
                         overrides=(*mostly_desirable, "trainer.shuffle=false", "dataset.kl_partners=rotate"))
     train(cfg, tmp_path / "ours")
-    records = [json.loads(x) for x in (tmp_path / "ours" / "metrics.jsonl").read_text().splitlines()]
-    ours = [{k: r.get(f"train/{k}") for k in KEYS} for r in records if "train/loss" in r]
+    ours = [{k: r.get(k) for k in KEYS} for r in read_metrics(tmp_path / "ours", "train")]
     trl = bench.run_trl("tiny", 3, tmp_path / "trl", precompute=True, lr=2e-3, overrides=mostly_desirable)["first_steps"]
     assert len(ours) == len(trl) == 3
     assert ours[0]["loss"] == pytest.approx(0.5, abs=1e-6)

@@ -1,0 +1,120 @@
+"""Metrics: sums over micro-batches and ranks, metrics.jsonl (written and read back), the summary."""
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import distributed as dist
+from .losses import pair_wins
+
+
+class MetricSums:
+    """Sums and counts of per-example metric values, over micro-batches (and, later, ranks)."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, metrics: dict) -> None:
+        if not metrics:
+            return
+        sums = torch.stack([v.detach().float().sum() for v in metrics.values()]).tolist()  # one device sync
+        for (k, v), total in zip(metrics.items(), sums):
+            self.sums[k] = self.sums.get(k, 0.0) + total
+            self.counts[k] = self.counts.get(k, 0) + v.numel()
+
+    def means(self, across_ranks: bool = False) -> dict:
+        """Means over every value added here (and on every rank, with across_ranks: a collective)."""
+        keys = sorted(self.sums)
+        if across_ranks and dist.world() > 1:
+            both = dist.all_sum(torch.tensor([self.sums[k] for k in keys] + [self.counts[k] for k in keys], dtype=torch.float64))
+            self.sums = dict(zip(keys, both[:len(keys)].tolist()))
+            self.counts = dict(zip(keys, both[len(keys):].tolist()))
+        out = {k: self.sums[k] / self.counts[k] for k in keys if self.counts[k]}
+        if "rewards/chosen" in out and "rewards/rejected" in out:
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        return out
+
+
+def pair_accuracy(split, scores: torch.Tensor) -> Optional[float]:
+    """Share of held-out pairs whose chosen completion scores above the rejected one (ties: 1/2)."""
+    pairs = split.pairs()
+    if not pairs:
+        return None
+    return float(pair_wins(scores[[p[0] for p in pairs]], scores[[p[1] for p in pairs]]).mean())
+
+
+def read_metrics(where: Path, split: Optional[str] = None) -> list:
+    """The records of a run's metrics.jsonl (where: the run dir or the file), in order. With split
+    ("train" or "eval"), only that split's records, their keys without the "split/" prefix, plus
+    "step" and "time". [] when there is no file yet; a last line still being written is left out."""
+    path = Path(where) / "metrics.jsonl" if Path(where).is_dir() else Path(where)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written right now
+            break
+    if split is None:
+        return records
+    prefix = f"{split}/"
+    return [{"step": r["step"], "time": r.get("time"), **{k[len(prefix):]: v for k, v in r.items() if k.startswith(prefix)}}
+            for r in records if any(k.startswith(prefix) for k in r)]
+
+
+class MetricsLog:
+    """metrics.jsonl in the run dir, one JSON object per logged step, flushed as written."""
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        """resume_step > 0 keeps the records up to that step (a crashed run may have logged past its
+        last checkpoint; those steps are about to be run again)."""
+        self.path = path
+        kept = []
+        if resume_step:
+            kept = [json.dumps(r) for r in read_metrics(path) if r["step"] <= resume_step]
+        self.f = open(path, "w", encoding="utf-8")
+        self.f.writelines(line + "\n" for line in kept)
+
+    @staticmethod
+    def first_in(path: Path, split: str) -> dict:
+        """The first logged record of a split, without its prefix, step and time ({} if none)."""
+        records = read_metrics(path, split)
+        return {k: v for k, v in records[0].items() if k not in ("step", "time")} if records else {}
+
+    def close(self) -> None:
+        self.f.close()
+
+    def write(self, step: int, split: str, metrics: dict) -> None:
+        record = {"step": step, "time": time.time(), **{f"{split}/{k}": v for k, v in metrics.items()}}
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+
+def peak_gpu_mb() -> Optional[float]:
+    """This process's peak GPU memory held by tensors (None without CUDA)."""
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
+def peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+SUMMARY_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "logps/accuracies", "logps/chosen", "logps/rejected", "kl",
+                "kl/raw")
+
+
+def print_summary(summary: dict, run_dir: Path) -> None:
+    before, after = summary["eval_before"], summary["eval_after"]
+    lines = [f"\nkto-train: {summary['steps']} steps in {summary['train_seconds']:.0f} s "
+             f"(wall {summary['wall_seconds']:.0f} s, peak RSS {summary['peak_rss_mb']:.0f} MB)"]
+    if after:
+        lines.append(f"{'held-out metric':<22}{'before':>10}{'after':>10}")
+        for k in SUMMARY_KEYS:
+            if k in after:
+                lines.append(f"{k:<22}{before.get(k, float('nan')):>10.4f}{after[k]:>10.4f}")
+    lines.append(f"run dir: {run_dir}   model: {run_dir / 'final'}")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,47 @@
+"""kto-precompute: the reference pass of a run, ahead of it and without training.
+
+    kto-precompute model=smollm2_135m                       # same overrides as kto-train
+    torchrun --nproc_per_node 2 --no-python kto-precompute  # each process computes its share
+"""
+import torch
+
+from . import distributed as dist
+from . import reference as reference_mod
+from .config import CacheMode, Precision, RunConfig, UserError
+from .logprobs import Layout
+from .models import load_model, load_tokenizer
+from .reference import open_cache
+from .train import Trainer
+
+
+def precompute(cfg: RunConfig) -> dict:
+    """kto-precompute: fills the shared cache with the reference log-probs of every train and eval
+    example (and KL sequence, for kto) that the same overrides would train on. Several processes
+    each compute their share of what is missing; the model loads only if something is."""
+    tr = Trainer(cfg, run_dir=None)
+    if not tr.need.reference:
+        raise UserError(f"loss={cfg.loss.name} uses no reference model: nothing to precompute")
+    if cfg.reference.cache != CacheMode.readwrite:
+        raise UserError("kto-precompute writes the reference cache: set reference.cache=readwrite")
+    tr.tokenizer = load_tokenizer(cfg.model)
+    tr.pad_id = tr.tokenizer.pad_token_id
+    tr.splits = tr.load_data()
+    used = {name: (split, range(len(split))) for name, split in tr.splits.items()}
+    rank, local_rank, world = dist.env_ranks()
+    if tr.device.type == "cuda" and tr.device.index is None:
+        tr.device = torch.device("cuda", local_rank)  # one GPU per process on a node
+    cache = open_cache(cfg, tr.tokenizer)
+    _, report = reference_mod.reference_pass(lambda: reference_model(cfg, tr), used, tr.need.kl, tr.need.per_token,
+                                             cache, cfg.reference.batch_size, tr.pad_id, tr.device, tr.autocast,
+                                             tr.show_progress, shard=(rank, world),
+                                             layout=Layout(cfg.trainer.shared_prompt, None, not cfg.model.sparse_head))
+    print(f"kto-precompute: {report['reused']} values already cached, {report['computed']} computed "
+          f"(process {rank} of {world}) in {cache.dir}", flush=True)
+    return report
+
+
+def reference_model(cfg: RunConfig, tr: Trainer):
+    """The model as training will run it: under DeepSpeed with bf16 the engine holds bf16 weights
+    (not fp32 weights under autocast), so the values match what a training run would compute."""
+    model = load_model(cfg.model, tr.tokenizer).to(tr.device)
+    return model.to(torch.bfloat16) if tr.deepspeed and cfg.trainer.precision == Precision.bf16 else model
