@@ -60,7 +60,7 @@ class TinyModelConfig:
     num_heads: int = 4
     intermediate_size: int = 128
     max_position_embeddings: int = 1024
-    seed: int = 0
+    seed: Optional[int] = None  # the random weights; null: the run's seed
 
 
 @dataclass
@@ -100,90 +100,21 @@ class DatasetConfig:
     max_length: int = 512
     max_prompt_length: int = 256
     skip_bad_rows: bool = False  # when true, bad rows are counted and skipped instead of fatal
-    seed: int = 0  # unpairing, subsampling, held-out split and KL partners
+    seed: Optional[int] = None  # unpairing, subsampling, held-out split and KL partners; null: the run's seed
     kl_partners: KLPartners = KLPartners.derangement  # which completion each example's KL sequence takes
 
 
 @dataclass
 class LossConfig:
-    """Each loss's fields are the keyword arguments of its function in kto_cli/losses.py, so the
-    YAML file, the schema and the function name the same hyperparameters."""
+    """The base of every loss's schema. Each loss's schema lives beside its objective
+    (kto_cli/objectives/), and its fields are the keyword arguments of its function in
+    kto_cli/losses.py, so the config and the function name the same hyperparameters."""
     name: str = MISSING
 
 
 @dataclass
-class KTOLossConfig(LossConfig):
-    name: str = "kto"
-    beta: float = 0.1
-    desirable_weight: float = 1.0  # lambda_D
-    undesirable_weight: float = 1.0  # lambda_U
-    # Set lambda_D so that lambda_D * n_D / (lambda_U * n_U) = 1, the bottom of the paper's range.
-    auto_desirable_weight: bool = False
-
-
-@dataclass
-class KTOZeroLossConfig(KTOLossConfig):
-    name: str = "kto_zero"
-
-
-@dataclass
-class DPOLossConfig(LossConfig):
-    name: str = "dpo"
-    beta: float = 0.1
-    label_smoothing: float = 0.0  # epsilon of conservative DPO (cdpo)
-
-
-@dataclass
-class IPOLossConfig(LossConfig):
-    name: str = "ipo"
-    tau: float = 0.1
-
-
-@dataclass
-class SLiCLossConfig(LossConfig):
-    name: str = "slic"
-    beta: float = 1.0  # the calibration margin
-    lambda_coef: float = 0.1  # weight of the chosen completion's NLL
-
-
-@dataclass
-class SimPOLossConfig(LossConfig):
-    name: str = "simpo"
-    beta: float = 2.0
-    gamma: float = 0.5  # target reward margin
-
-
-@dataclass
-class ORPOLossConfig(LossConfig):
-    name: str = "orpo"
-    lam: float = 0.1  # weight of the odds-ratio term
-
-
-@dataclass
-class SFTLossConfig(LossConfig):
-    name: str = "sft"
-
-
-@dataclass
-class CSFTLossConfig(LossConfig):
-    name: str = "csft"
-    good_token: str = "<|good|>"  # ends the prompt of desirable examples, and of every prompt at sampling
-    bad_token: str = "<|bad|>"  # ends the prompt of undesirable examples
-
-
-@dataclass
-class PPOLossConfig(LossConfig):
-    name: str = "ppo"
-    gamma: float = 0.99
-    lam: float = 0.95  # GAE lambda
-    cliprange: float = 0.5  # the ratio is clipped to [cliprange, 1 / cliprange]
-    kl_coef: float = 0.1
-    critic_coef: float = 0.01
-
-
-@dataclass
 class TrainerConfig:
-    seed: int = 0
+    seed: Optional[int] = None  # shuffling and initialisation; null: the run's seed
     # false: every epoch visits the examples in data order (TRL's KTOTrainer order, for comparisons)
     shuffle: bool = True
     batch_size: int = 8  # examples per optimizer step
@@ -240,7 +171,6 @@ class DeepSpeedConfig:
     """The ZeRO part of a DeepSpeed config. Batch sizes, accumulation, precision, clipping, the
     optimizer and the schedule come from `trainer` (kto_cli/backend.py builds the whole config), so
     no value is set in two places."""
-    name: str = "none"
     stage: Optional[int] = None  # ZeRO stage 0-3; null: no DeepSpeed (one process, plain PyTorch)
     offload_optimizer: Offload = Offload.none  # optimizer state and step on the CPU (ZeRO-Offload)
     offload_param: Offload = Offload.none  # parameters on the CPU between uses (ZeRO-3 only)
@@ -256,17 +186,13 @@ class DeepSpeedConfig:
 
 @dataclass
 class RunConfig:
+    seed: int = 0  # `seed=N`: every seed below that is left null (model.tiny, dataset, trainer) derives from it
     model: ModelConfig = MISSING
     dataset: DatasetConfig = MISSING
     loss: LossConfig = MISSING
     trainer: TrainerConfig = MISSING
     deepspeed: DeepSpeedConfig = MISSING
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-
-
-LOSS_SCHEMAS = {"kto": KTOLossConfig, "kto_zero": KTOZeroLossConfig, "dpo": DPOLossConfig, "ipo": IPOLossConfig,
-                "slic": SLiCLossConfig, "simpo": SimPOLossConfig, "orpo": ORPOLossConfig, "sft": SFTLossConfig,
-                "csft": CSFTLossConfig, "ppo": PPOLossConfig}
 
 
 def register_configs() -> None:
@@ -276,8 +202,9 @@ def register_configs() -> None:
     cs.store(group="dataset", name="schema", node=DatasetConfig)
     cs.store(group="trainer", name="schema", node=TrainerConfig)
     cs.store(group="deepspeed", name="schema", node=DeepSpeedConfig)
-    for name, schema in LOSS_SCHEMAS.items():
-        cs.store(group="loss", name=f"{name}_schema", node=schema)
+    from .objectives import REGISTRY  # the losses import this module
+    for objective in REGISTRY.values():  # loss=NAME; conf/loss/ holds only named presets (cdpo)
+        cs.store(group="loss", name=objective.name, node=objective.schema)
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
@@ -287,6 +214,9 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     except Exception as e:  # MissingMandatoryValue, ValidationError: OmegaConf names the key
         raise UserError(f"invalid config: {e}".splitlines()[0]) from None
     validate(run)
+    for part in (run.model.tiny, run.dataset, run.trainer):
+        if part.seed is None:
+            part.seed = run.seed
     if run.trainer.precision == Precision.auto:
         run.trainer.precision = auto_precision(run.trainer.device)
     return run
@@ -326,13 +256,8 @@ def validate(run: RunConfig) -> None:
     _check(ds.offload_optimizer == Offload.none or (ds.stage or 0) >= 1,
            "deepspeed.offload_optimizer needs deepspeed.stage 1, 2 or 3")
     _check(ds.stage is not None or not ds.extra, "deepspeed.extra needs a ZeRO stage (e.g. deepspeed=zero2)")
-    for key in ("beta", "tau", "desirable_weight", "undesirable_weight"):
-        value = getattr(run.loss, key, 1.0)
-        _check(value > 0, f"loss.{key} must be positive, got {value}")
-    if isinstance(run.loss, PPOLossConfig):
-        _check(0 < run.loss.cliprange < 1, f"loss.cliprange must be in (0, 1), got {run.loss.cliprange}")
-    if isinstance(run.loss, DPOLossConfig):
-        _check(0 <= run.loss.label_smoothing < 0.5, f"loss.label_smoothing must be in [0, 0.5), got {run.loss.label_smoothing}")
+    from .objectives import objective_class
+    objective_class(run.loss).validate(run.loss)
 
 
 def config_digest(cfg: RunConfig, groups: tuple = ()) -> str:

@@ -389,22 +389,23 @@ def build_splits(cfg: DatasetConfig, tokenizer, use_chat_template: bool, kl_bloc
     """(train Split, eval Split or None, report dict). The eval split keeps both sides of each
     pair (and is never subsampled), so held-out accuracy compares chosen with rejected.
     kl_block: the block size of dataset.kl_partners=rotate (TRL's per-device batch)."""
+    seed = 0 if cfg.seed is None else cfg.seed  # a run fills it from its top-level seed
     train, skipped = load_examples(cfg.train, cfg.train_split, cfg.skip_bad_rows, cfg.max_train_rows)
     evals = []
     if cfg.eval:
         evals, skipped_eval = load_examples(cfg.eval, cfg.eval_split, cfg.skip_bad_rows, cfg.max_eval_rows)
         skipped += skipped_eval
     elif cfg.eval_fraction > 0:
-        train, evals = hold_out(train, cfg.eval_fraction, cfg.seed)
+        train, evals = hold_out(train, cfg.eval_fraction, seed)
     if cfg.pair_by_prompt:
         train, evals = pair_by_prompt(train), pair_by_prompt(evals)
     if cfg.unpair == UnpairMode.one:
-        train = unpair_one(train, cfg.seed)
-    train = subsample(train, cfg.desirable_fraction, cfg.undesirable_fraction, cfg.seed)
+        train = unpair_one(train, seed)
+    train = subsample(train, cfg.desirable_fraction, cfg.undesirable_fraction, seed)
     if not train:
         raise UserError(f"{cfg.train}: no training examples left after subsampling")
     report = {"train": len(train), "eval": len(evals), "skipped_rows": skipped,
               "desirable": sum(e.desirable for e in train), "undesirable": sum(not e.desirable for e in train)}
-    train_split = tokenize(train, tokenizer, use_chat_template, cfg, cfg.seed, kl_block)
-    eval_split = tokenize(evals, tokenizer, use_chat_template, cfg, cfg.seed + 1, kl_block) if evals else None
+    train_split = tokenize(train, tokenizer, use_chat_template, cfg, seed, kl_block)
+    eval_split = tokenize(evals, tokenizer, use_chat_template, cfg, seed + 1, kl_block) if evals else None
     return train_split, eval_split, report

@@ -164,6 +164,14 @@ def completion_logps(model, batch: dict, per_token: bool = False, hidden: bool =
     return result
 
 
+def completion_logps_and_values(model, batch: dict, value_head, full_logits: bool = False) -> Logps:
+    """Per-token log-probs and a value head on the hidden states that predicted them, in one
+    forward (under ZeRO-3 the value head must run inside the engine's forward too)."""
+    lp = completion_logps(model, batch, per_token=True, hidden=True, full_logits=full_logits)
+    lp.values = value_head(lp.hidden.float()).squeeze(-1)  # (B, L)
+    return lp
+
+
 @torch.no_grad()
 def logps_of(model, sequences: list, batch_size: int, pad_id: int, device, autocast, progress=None,
              per_token: bool = False, stats: Optional[dict] = None, call=None, layout: Layout = Layout()) -> tuple:

@@ -3,7 +3,8 @@
 No model, no I/O, no distributed calls: the training loop passes in any cross-rank statistic.
 Each loss returns (loss, metrics): the scalar to minimise and a dict of 1-D tensors of
 per-example (or per-batch) values that the loop averages over micro-batches and ranks.
-Rewards in metrics are beta-scaled log-ratios, as TRL and HALOs log them.
+Rewards in metrics are beta-scaled log-ratios, as TRL and HALOs log them. Hyperparameters are
+required keywords: their defaults are written once, in each loss's schema (kto_cli/objectives/).
 """
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,10 @@ def kto_loss(
     ref_logps: torch.Tensor,  # (B,) the same under the reference model
     desirable: torch.Tensor,  # (B,) bool
     kl: torch.Tensor,  # () from kl_estimate
-    beta: float = 0.1,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
+    *,
+    beta: float,
+    desirable_weight: float,
+    undesirable_weight: float,
 ) -> tuple:
     """KTO (Ethayarajh et al. 2024, Eq. 8), averaged over the examples of the batch:
         desirable:   lambda_D * (1 - sigmoid(beta * (r - z)))
@@ -51,12 +53,12 @@ def kto_loss(
     return losses.mean(), metrics
 
 
-def kto_zero_loss(policy_logps, ref_logps, desirable, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
+def kto_zero_loss(policy_logps, ref_logps, desirable, *, beta, desirable_weight, undesirable_weight):
     """KTO with the reference point fixed at z = 0 (the paper's ablation of the KL term). The same
     objective is TRL's `apo_zero_unpaired`: 1 - sigmoid(beta r) for desirable, sigmoid(beta r) for
     undesirable examples, since 1 - sigmoid(-x) = sigmoid(x)."""
-    return kto_loss(policy_logps, ref_logps, desirable, policy_logps.new_zeros(()), beta, desirable_weight,
-                    undesirable_weight)
+    return kto_loss(policy_logps, ref_logps, desirable, policy_logps.new_zeros(()), beta=beta,
+                    desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
 
 
 TIE = 1e-4  # scores closer than this count as a tie: float noise when the policy is the reference
@@ -78,7 +80,7 @@ def _paired_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_log
     }
 
 
-def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1, label_smoothing=0.0):
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, label_smoothing):
     """DPO (Rafailov et al. 2023): -log sigmoid(beta * h), h = (log-ratio of chosen) - (log-ratio of
     rejected), over (P,) pairs. label_smoothing = epsilon > 0 gives conservative DPO (cDPO):
     (1 - eps) * -log sigmoid(beta h) + eps * -log sigmoid(-beta h)."""
@@ -91,7 +93,7 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 
 def ipo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
-             tau=0.1):
+             *, tau):
     """IPO (Azar et al. 2023): (h - 1 / (2 tau))^2, where h is the difference of the chosen and
     rejected log-ratios, each averaged over its completion tokens (as TRL, confirmed with the IPO
     authors, and HALOs compute it), over (P,) pairs."""
@@ -102,7 +104,7 @@ def ipo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     return losses.mean(), metrics
 
 
-def slic_loss(chosen_logps, rejected_logps, beta=1.0, lambda_coef=0.1):
+def slic_loss(chosen_logps, rejected_logps, *, beta, lambda_coef):
     """SLiC-HF (Zhao et al. 2023), reference-free, on summed log-probs:
     max(0, beta - log pi(y_w|x) + log pi(y_l|x)) + lambda * (-log pi(y_w|x)), the regulariser being
     the chosen completion's sequence NLL (the paper's, and HALOs')."""
@@ -114,7 +116,7 @@ def slic_loss(chosen_logps, rejected_logps, beta=1.0, lambda_coef=0.1):
     return losses.mean(), metrics
 
 
-def simpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta=2.0, gamma=0.5):
+def simpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *, beta, gamma):
     """SimPO (Meng et al. 2024), reference-free and length-normalised:
     -log sigmoid(beta * logp_w / |y_w| - beta * logp_l / |y_l| - gamma)."""
     chosen_r = beta * chosen_logps / chosen_lengths.clamp(min=1)  # (P,)
@@ -124,7 +126,7 @@ def simpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, b
     return losses.mean(), metrics
 
 
-def orpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, lam=0.1):
+def orpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *, lam):
     """ORPO (Hong et al. 2024), reference-free: NLL of the chosen completion (per token) plus
     lambda * -log sigmoid(log odds(y_w) - log odds(y_l)), where odds(y) = p / (1 - p) and
     p = exp(mean token log-prob)."""
@@ -172,7 +174,7 @@ def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def ppo_advantages(values, mask, desirable, gamma=0.99, lam=0.95) -> tuple:
+def ppo_advantages(values, mask, desirable, *, gamma, lam) -> tuple:
     """(advantages, returns) of offline PPO as in the KTO paper (HALOs): reward +1 (desirable) or -1
     (undesirable) on the last completion token, GAE from the value head's detached values. (B, L)"""
     last = (mask.cumsum(1) == mask.sum(1, keepdim=True)) & mask.bool()  # (B, L) the last real token
@@ -185,8 +187,8 @@ def token_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).detach()
 
 
-def ppo_loss(token_logps, ref_token_logps, values, mask, desirable, advantages, returns, moments, ranks=1, cliprange=0.5,
-             kl_coef=0.1, critic_coef=0.01):
+def ppo_loss(token_logps, ref_token_logps, values, mask, desirable, advantages, returns, moments, ranks=1, *,
+             cliprange, kl_coef, critic_coef):
     """Offline PPO as in the KTO paper (HALOs): one step per batch, the reference model as the
     behaviour ("old") policy, advantages from ppo_advantages whitened with `moments` (token_moments
     of the advantages, summed over every rank's micro-batch), the policy ratio clipped to

@@ -45,7 +45,7 @@ def tiny_model(cfg: ModelConfig, vocab_size: int, pad_id: int):
                          num_key_value_heads=t.num_heads, max_position_embeddings=t.max_position_embeddings,
                          pad_token_id=pad_id, eos_token_id=pad_id + 2, bos_token_id=None, tie_word_embeddings=False)
     with torch.random.fork_rng():  # the weights depend on model.tiny.seed alone
-        torch.manual_seed(t.seed)
+        torch.manual_seed(0 if t.seed is None else t.seed)  # a run fills it from its top-level seed
         return LlamaForCausalLM._from_config(config, **attn_kwargs(cfg))
 
 

@@ -159,7 +159,8 @@ def open_cache(cfg: RunConfig, tokenizer) -> Optional[RefCache]:
         return None
     root = Path(r.cache_dir) if r.cache_dir else cache_root() / "reference"
     key = model_key(cfg.model, len(tokenizer), precision_tag(cfg))
-    return RefCache(root, key, objectives.needs(cfg.loss.name).per_token, writable=r.cache == CacheMode.readwrite)
+    return RefCache(root, key, objectives.objective_class(cfg.loss).needs.per_token,
+                    writable=r.cache == CacheMode.readwrite)
 
 
 def precision_tag(cfg: RunConfig) -> str:

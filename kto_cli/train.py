@@ -19,9 +19,9 @@ from . import logprobs, objectives
 from . import reference as reference_mod
 from .backend import DeepSpeedBackend, Policy, TorchBackend, accumulation, ds_config
 from .checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import KTOLossConfig, ModelSource, Precision, RunConfig, UnpairMode, UserError, config_digest, fingerprint
+from .config import ModelSource, Precision, RunConfig, UnpairMode, UserError, config_digest, fingerprint
 from .data import build_splits, collate
-from .logprobs import Layout, Logps, completion_logps, packed_batch, packed_logps, to_device
+from .logprobs import Layout, Logps, completion_logps, completion_logps_and_values, packed_batch, packed_logps, to_device
 from .losses import kl_estimate
 from .metrics import MetricSums, MetricsLog, pair_accuracy, peak_gpu_mb, peak_rss_mb, print_summary
 from .models import load_model, load_tokenizer
@@ -30,9 +30,6 @@ from .reference import open_cache
 from .sampling import batch_indices, data_order, length_grouped, total_steps, visited_indices
 
 log = logging.getLogger("kto_cli")
-
-# The KTO paper's recommended range for lambda_D * n_D / (lambda_U * n_U).
-KTO_WEIGHT_RANGE = (1.0, 4.0 / 3.0)
 
 
 # ---------------------------------------------------------------- set-up helpers
@@ -48,41 +45,15 @@ def autocast_for(device: torch.device, precision: Precision):
     return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def kto_weights(loss: KTOLossConfig, n_desirable: int, n_undesirable: int) -> tuple:
-    """(lambda_D, lambda_U), with lambda_D set from the data when asked; warns outside the paper's range."""
-    w_d, w_u = loss.desirable_weight, loss.undesirable_weight
-    if n_desirable == 0 or n_undesirable == 0:
-        log.warning("training data has %d desirable and %d undesirable examples; KTO learns best from both",
-                    n_desirable, n_undesirable)
-        return w_d, w_u
-    if loss.auto_desirable_weight:
-        w_d = w_u * n_undesirable / n_desirable
-        log.info("loss.auto_desirable_weight: lambda_D = %.4f (lambda_U = %.4f)", w_d, w_u)
-    ratio = w_d * n_desirable / (w_u * n_undesirable)
-    if not KTO_WEIGHT_RANGE[0] - 1e-9 <= ratio <= KTO_WEIGHT_RANGE[1] + 1e-9:
-        lo, hi = (w_u * n_undesirable / n_desirable * r for r in KTO_WEIGHT_RANGE)
-        log.warning("lambda_D*n_D/(lambda_U*n_U) = %.3f is outside [1, 4/3], the range the KTO paper recommends "
-                    "(n_D=%d, n_U=%d): set loss.desirable_weight between %.3f and %.3f, or "
-                    "loss.auto_desirable_weight=true", ratio, n_desirable, n_undesirable, lo, hi)
-    return w_d, w_u
-
-
 # ---------------------------------------------------------------- metrics
 
 
 # ---------------------------------------------------------------- the steps
 
-def logps_and_values(lm, batch: dict, value_head, full_logits: bool = False) -> Logps:
-    """ppo: per-token log-probs and the value head on the hidden states that predicted them, in
-    one forward (under ZeRO-3 the value head must run inside the engine's forward too)."""
-    lp = completion_logps(lm, batch, per_token=True, hidden=True, full_logits=full_logits)
-    lp.values = value_head(lp.hidden.float()).squeeze(-1)  # (B, L)
-    return lp
-
 
 class Trainer:
     """Holds one run's data, model and optimizer; every loss goes through the same steps, doing
-    only the work its Needs (kto_cli/objectives.py) ask for."""
+    only the work its objective's Needs (kto_cli/objectives/) ask for."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
@@ -91,7 +62,8 @@ class Trainer:
         # under DeepSpeed the engine holds bf16 weights itself; autocast is for plain PyTorch
         self.autocast = autocast_for(self.device, Precision.fp32 if self.deepspeed else cfg.trainer.precision)
         self.show_progress = cfg.trainer.progress
-        self.need = objectives.needs(cfg.loss.name)
+        self.objective = objectives.create(cfg.loss)
+        self.need = self.objective.needs
         self.value_head = None
         self.reference_report = None
 
@@ -106,21 +78,18 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         self.tokenizer = load_tokenizer(cfg.model)
-        if need.control_tokens:
-            self.tokenizer.add_special_tokens({"additional_special_tokens": [cfg.loss.good_token, cfg.loss.bad_token]})
+        if self.objective.special_tokens():
+            self.tokenizer.add_special_tokens({"additional_special_tokens": self.objective.special_tokens()})
         self.pad_id = self.tokenizer.pad_token_id
         self.splits = self.load_data()
         self.units = {name: objectives.units(split, need) for name, split in self.splits.items()}
-        self.params = objectives.hyperparameters(cfg.loss)
-        if isinstance(cfg.loss, KTOLossConfig):
-            self.params["desirable_weight"], self.params["undesirable_weight"] = kto_weights(cfg.loss, *self.label_counts)
         self.model = self.load_model()
         if len(self.tokenizer) > self.model.get_input_embeddings().weight.shape[0]:  # control tokens
             self.model.resize_token_embeddings(len(self.tokenizer))
         if cfg.trainer.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if need.value_head:
-            self.value_head = torch.nn.Linear(self.model.config.hidden_size, 1).to(self.device)
+            self.value_head = self.objective.value_head(self.model.config.hidden_size).to(self.device)
         self.layout = self.choose_layout()
         self.order = length_grouped(self.unit_lengths("train"), cfg.trainer.micro_batch_size * self.world) \
             if cfg.trainer.group_by_length else (None if cfg.trainer.shuffle else data_order)
@@ -231,13 +200,9 @@ class Trainer:
         if report["skipped_rows"]:
             log.warning("skipped %d bad rows (dataset.skip_bad_rows=true)", report["skipped_rows"])
         objectives.check_data(cfg.loss.name, self.need, train, cfg.dataset.train, cfg.dataset.unpair == UnpairMode.one)
-        self.label_counts = (report["desirable"], report["undesirable"])
-        if self.need.control_tokens:
-            good, bad = self.tokenizer.convert_tokens_to_ids([cfg.loss.good_token, cfg.loss.bad_token])
-            train.add_control_tokens(good, bad)
-            if held is not None:
-                held.add_control_tokens(good, None)  # evaluated as sampled: conditioned on "good"
-        return {"train": train, **({"eval": held} if held is not None else {})}
+        splits = {"train": train, **({"eval": held} if held is not None else {})}
+        self.objective.prepare(splits, self.tokenizer, (report["desirable"], report["undesirable"]))
+        return splits
 
     def unit_lengths(self, name: str) -> list:
         """Tokens of each unit (the longer side of a pair)."""
@@ -293,7 +258,7 @@ class Trainer:
                 return slots[0], packed["slot_tokens"][0]
             batch = {k: v.to(self.device) for k, v in collate(seqs, self.pad_id).items()}
             if want_tokens and self.need.value_head:
-                lp = self.backend(logps_and_values, batch, self.value_head, full)
+                lp = self.backend(completion_logps_and_values, batch, self.value_head, full)
             else:
                 lp = self.backend(completion_logps, batch, per_token=want_tokens, full_logits=full)
         return lp, int(batch["attention_mask"].sum())
@@ -340,10 +305,8 @@ class Trainer:
             ref_logps["seq"] = ref.get(name)[idx].to(self.device)
             if need.per_token:
                 ref_logps["tokens"] = ref.get(name, "_tokens")[idx].to(self.device)
-        values = lp.values if need.value_head else None  # (B, L)
         desirable = self.splits[name].desirable(idx).to(self.device)
-        loss, metrics = objectives.compute(self.cfg.loss.name, self.params, lp, ref_logps, desirable, kl, values,
-                                           reduce, ranks)
+        loss, metrics = self.objective.loss(objectives.LossInputs(lp, ref_logps, desirable, kl, lp.values, reduce, ranks))
         return loss, metrics, tokens, idx, lp.seq.detach()
 
     def optimizer_step(self, step: int) -> dict:
@@ -446,8 +409,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
             metrics_log.write(tr.steps, "eval", after)
         metrics_log.close()
     save_checkpoint(run_dir, tr.steps, tr.backend, fingerprint(cfg))
-    if tr.need.control_tokens:
-        condition_on_good(tr.tokenizer, cfg.loss.good_token)
+    tr.objective.export(tr.tokenizer)
     export_final(run_dir, tr.backend, tr.model, tr.tokenizer)
     ref_report = tr.reference_report or {}
     summary = {"steps": tr.steps, "train_seconds": train_time, "wall_seconds": time.perf_counter() - started,
@@ -472,11 +434,3 @@ def resume(tr: Trainer, run_dir: Path) -> int:
     log.info("resumed from %s at step %d", path, step)
     return step
 
-
-def condition_on_good(tokenizer, good_token: str) -> None:
-    """csft: the exported chat template ends every generation prompt with the good control token,
-    so sampling from final/ with apply_chat_template(add_generation_prompt=True) uses it."""
-    if getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template += "{% if add_generation_prompt %}{{ '" + good_token + "' }}{% endif %}"
-    else:
-        log.warning("the tokenizer has no chat template: end prompts with %s when sampling from final/", good_token)

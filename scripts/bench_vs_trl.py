@@ -113,7 +113,7 @@ def run_bare(model_name: str, steps: int, out: Path, lr: float = LR, trl_kl: boo
             kl = completion_logps(model, collate([kl_seqs[i] for i in idx], tok.pad_token_id)).seq
         kl = kl_estimate((kl - ref_kl[idx]).sum(), torch.tensor(BATCH))
         logps = completion_logps(model, collate([seqs[i] for i in idx], tok.pad_token_id)).seq
-        loss, m = kto_loss(logps, ref[idx], split.desirable(idx), kl)
+        loss, m = kto_loss(logps, ref[idx], split.desirable(idx), kl, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

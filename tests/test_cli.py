@@ -50,9 +50,13 @@ def test_user_errors_are_one_clear_line(tmp_path, args, words):
 
 def test_wheel_install_runs_from_another_directory(tmp_path):
     """A regular (non-editable) install, so the config tree must come from inside the package."""
-    target = tmp_path / "site"
+    target, source = tmp_path / "site", tmp_path / "source"  # a copy: no stale build/ of the checkout is reused
+    for name in ("kto_cli", "conf"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(REPO)], check=True, capture_output=True, timeout=300)
+                    "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
     env = {"PYTHONPATH": str(target)}
     where = subprocess.run([sys.executable, "-c", "import kto_cli; print(kto_cli.__file__)"], cwd=tmp_path,
                            env={**os.environ, **env}, capture_output=True, text=True, check=True).stdout

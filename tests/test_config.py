@@ -4,7 +4,9 @@ from importlib import resources
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from kto_cli.config import KTOLossConfig, ModelSource, UserError
+from kto_cli.config import ModelSource, UserError
+from kto_cli.objectives import choices
+from kto_cli.objectives.kto import KTOLossConfig
 
 from conftest import make_config
 
@@ -13,6 +15,9 @@ GROUPS = ["model", "dataset", "loss", "trainer", "deepspeed"]
 
 
 def shipped(group: str) -> list:
+    """The group's options: its YAML files (and, for losses, every registered objective)."""
+    if group == "loss":
+        return choices()
     return sorted(p.name[:-5] for p in (CONF / group).iterdir() if p.name.endswith(".yaml"))
 
 
@@ -101,3 +106,52 @@ def test_deepspeed_launcher_argument_does_not_reach_hydra(monkeypatch):
     import os
     assert os.environ["LOCAL_RANK"] == "1"
     assert strip_launcher_args(["kto-train", "--local_rank", "3", "a=b"]) == ["kto-train", "a=b"]
+
+
+SCHEMAS = {"model": "ModelConfig", "dataset": "DatasetConfig", "trainer": "TrainerConfig", "deepspeed": "DeepSpeedConfig"}
+
+
+def schema_default(group: str, data: dict):
+    """The schema instance a YAML of the group starts from (for a loss preset: its base loss's)."""
+    from kto_cli import config
+    from kto_cli.objectives import REGISTRY
+    if group == "loss":
+        base = next(d for d in data.get("defaults", []) if d != "_self_")
+        return next(c.schema for c in REGISTRY.values() if c.name == base)()
+    return getattr(config, SCHEMAS[group])()
+
+
+def repeated_defaults(default, data: dict, where: str) -> list:
+    from dataclasses import is_dataclass
+    from enum import Enum
+    found = []
+    for key, value in data.items():
+        if key == "defaults":
+            continue
+        d = getattr(default, key)
+        if is_dataclass(d) and isinstance(value, dict):
+            found += repeated_defaults(d, value, f"{where}.{key}")
+        elif (d.value if isinstance(d, Enum) else d) == value:
+            found.append(f"{where}.{key}: {value!r}")
+    return found
+
+
+def test_no_yaml_repeats_a_schema_default():
+    """Each default is written once, in its schema: a YAML file carries only what differs (a named
+    preset's values, a model's name)."""
+    import yaml
+    found = []
+    for group in [*SCHEMAS, "loss"]:
+        for path in (CONF / group).iterdir():
+            if path.name.endswith(".yaml"):
+                data = yaml.safe_load(path.read_text()) or {}
+                found += repeated_defaults(schema_default(group, data), data, f"{group}/{path.name}")
+    assert not found, found
+
+
+def test_one_seed_sets_the_others_unless_they_are_set():
+    run = make_config("model=tiny", "seed=3")
+    assert (run.seed, run.model.tiny.seed, run.dataset.seed, run.trainer.seed) == (3, 3, 3, 3)
+    run = make_config("model=tiny", "seed=3", "trainer.seed=5")
+    assert (run.model.tiny.seed, run.dataset.seed, run.trainer.seed) == (3, 3, 5)
+    assert make_config("model=tiny").trainer.seed == 0

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from kto_cli.config import UserError
 from kto_cli.metrics import read_metrics
 from kto_cli.models import load_tokenizer
-from kto_cli.objectives import NEEDS, units
+from kto_cli.objectives import choices, objective_class, units
 from kto_cli.train import Trainer, train
 
 from conftest import make_config, write_jsonl
@@ -21,23 +21,25 @@ TINY = ["model=tiny", "trainer.progress=false", "trainer.max_steps=3", "trainer.
 EXTRA = {"ppo": ["loss/policy", "loss/critic", "clipfrac"], "orpo": ["nll"], "slic": ["nll"], "kto": ["kl", "kl/raw"]}
 
 
-@pytest.mark.parametrize("loss", sorted(NEEDS))
+@pytest.mark.parametrize("loss", choices())
 def test_every_loss_trains_logs_and_exports(tmp_path, loss):
-    summary = train(make_config(*TINY, f"loss={loss}"), tmp_path)
+    cfg = make_config(*TINY, f"loss={loss}")
+    need = objective_class(cfg.loss).needs
+    summary = train(cfg, tmp_path)
     train_lines = read_metrics(tmp_path, "train")
     assert [r["step"] for r in train_lines] == [1, 2, 3]
     keys = set(train_lines[0])
     assert {"grad_norm", "lr", "tokens/s", "logps/chosen"} <= keys
     if loss not in ("sft", "csft"):
         assert {"rewards/chosen", "rewards/rejected", "rewards/margins"} <= keys
-    if NEEDS[loss].paired:
+    if need.paired:
         assert "rewards/accuracies" in keys
     for key in EXTRA.get(loss, []):
         assert key in keys
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_lines)
     assert "logps/accuracies" in summary["eval_after"]
     assert (tmp_path / "final" / "model.safetensors").is_file()
-    assert (tmp_path / "reference_logps.safetensors").is_file() == NEEDS[loss].reference
+    assert (tmp_path / "reference_logps.safetensors").is_file() == need.reference
 
 
 def test_reference_pass_holds_only_what_the_loss_needs(tmp_path):

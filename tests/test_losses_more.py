@@ -17,7 +17,7 @@ def sig(x):
 def test_dpo_golden():
     """beta 0.1; chosen log-ratio -1 - (-1.5) = 0.5 -> reward 0.05; rejected -2 - (-1) = -1 -> -0.1.
     h = 0.15; loss = -log sigmoid(0.15) = log(1 + e^-0.15) = log(1.860708) = 0.620957."""
-    loss, m = dpo_loss(t([-1.0]), t([-2.0]), t([-1.5]), t([-1.0]), beta=0.1)
+    loss, m = dpo_loss(t([-1.0]), t([-2.0]), t([-1.5]), t([-1.0]), beta=0.1, label_smoothing=0.0)
     assert loss.item() == pytest.approx(0.620957, abs=1e-6)
     assert m["rewards/chosen"].item() == pytest.approx(0.05) and m["rewards/rejected"].item() == pytest.approx(-0.1)
     assert m["rewards/accuracies"].item() == 1.0
@@ -37,7 +37,7 @@ def test_dpo_gradient_matches_closed_form():
     c, r = torch.randn(5, generator=g, requires_grad=True), torch.randn(5, generator=g, requires_grad=True)
     c_ref, r_ref = torch.randn(5, generator=g), torch.randn(5, generator=g)
     beta = 0.3
-    loss, _ = dpo_loss(c, r, c_ref, r_ref, beta=beta)
+    loss, _ = dpo_loss(c, r, c_ref, r_ref, beta=beta, label_smoothing=0.0)
     loss.backward()
     u = beta * ((c - c_ref) - (r - r_ref)).detach()
     torch.testing.assert_close(c.grad, -beta * torch.sigmoid(-u) / 5)
@@ -101,7 +101,8 @@ def test_sft_over_two_ranks_averages_to_the_whole_batch():
 def test_kto_zero_equals_apo_zero_unpaired_form():
     """z = 0: desirable r = 0.5 -> 1 - sigmoid(0.05); undesirable r = -1 -> 1 - sigmoid(0.1) = sigmoid(-0.1),
     the apo_zero_unpaired form; mean = (0.487503 + 0.475021) / 2."""
-    loss, m = kto_zero_loss(t([-1.0, -2.0]), t([-1.5, -1.0]), t([True, False]), beta=0.1)
+    loss, m = kto_zero_loss(t([-1.0, -2.0]), t([-1.5, -1.0]), t([True, False]), beta=0.1, desirable_weight=1.0,
+                            undesirable_weight=1.0)
     assert loss.item() == pytest.approx(((1 - sig(0.05)) + sig(-0.1)) / 2, abs=1e-7)
     assert m["kl"].item() == 0
 
@@ -109,7 +110,7 @@ def test_kto_zero_equals_apo_zero_unpaired_form():
 def test_kto_batch_without_desirable():
     """All undesirable, z = 0.5, beta 0.1: r = 1 - 0 = 1 -> 1 - sigmoid(0.1 * (0.5 - 1)) = 1 - sigmoid(-0.05)
     = 0.512497; chosen metrics are empty."""
-    loss, m = kto_loss(t([1.0]), t([0.0]), t([False]), t(0.5), beta=0.1)
+    loss, m = kto_loss(t([1.0]), t([0.0]), t([False]), t(0.5), beta=0.1, desirable_weight=1.0, undesirable_weight=1.0)
     assert loss.item() == pytest.approx(1 - sig(-0.05), abs=1e-7)
     assert m["rewards/chosen"].numel() == 0
 
@@ -132,10 +133,14 @@ def test_gae_hand_computed():
     torch.testing.assert_close(ret, t([[0.31275, 0.495, 1.0], [-0.27, -1.0, 0.0]]))
 
 
+PPO = dict(cliprange=0.5, kl_coef=0.1, critic_coef=0.01)  # the KTO paper's (HALOs') values
+GAE = dict(gamma=0.99, lam=0.95)
+
+
 def ppo(logps, ref, values, mask, desirable, **kw):
     """ppo_loss over one process's batch, as kto_cli.objectives feeds it."""
-    adv, ret = ppo_advantages(values, mask, desirable)
-    return ppo_loss(logps, ref, values, mask, desirable, adv, ret, token_moments(adv, mask), **kw)
+    adv, ret = ppo_advantages(values, mask, desirable, **GAE)
+    return ppo_loss(logps, ref, values, mask, desirable, adv, ret, token_moments(adv, mask), **{**PPO, **kw})
 
 
 def test_ppo_pushes_desirable_up_and_undesirable_down():
@@ -179,11 +184,11 @@ def test_ppo_over_two_ranks_averages_to_the_whole_batch():
     loss, _ = ppo(whole, ref, values, mask, desirable)
     loss.backward()
     halves = [logps[:2].clone().requires_grad_(True), logps[2:].clone().requires_grad_(True)]
-    adv = [ppo_advantages(values[s], mask[s], desirable[s]) for s in (slice(0, 2), slice(2, 4))]
+    adv = [ppo_advantages(values[s], mask[s], desirable[s], **GAE) for s in (slice(0, 2), slice(2, 4))]
     moments = token_moments(adv[0][0], mask[:2]) + token_moments(adv[1][0], mask[2:])
     total = 0
     for x, s, (a, r) in zip(halves, (slice(0, 2), slice(2, 4)), adv):
-        part, _ = ppo_loss(x, ref[s], values[s], mask[s], desirable[s], a, r, moments, ranks=2)
+        part, _ = ppo_loss(x, ref[s], values[s], mask[s], desirable[s], a, r, moments, 2, **PPO)
         (part / 2).backward()
         total = total + part.item() / 2
     assert total == pytest.approx(loss.item(), abs=1e-6)
