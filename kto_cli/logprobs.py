@@ -12,13 +12,9 @@ form it reads (boolean for sdpa, additive for eager, a BlockMask for flex attent
 """
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
-
-# Rows of hidden states sent through the LM head at once; 0: all in one call (set under ZeRO-3,
-# where the number of calls must not depend on a rank's data).
-HEAD_CHUNK = 1024
 
 # Attention kernels that read a custom 4D mask (shared-prompt and packed rows).
 MASKED_KERNELS = ("sdpa", "eager", "flex_attention")
@@ -26,12 +22,26 @@ MASKED_KERNELS = ("sdpa", "eager", "flex_attention")
 
 @dataclass(frozen=True)
 class Layout:
-    """How sequences become rows: sequences that share a prompt in one row (shared_prompt), several
-    groups per row up to `capacity` tokens (packing; 0: the batch's longest group; None: off), and
-    whether the LM head runs only at completion positions (the default) or everywhere."""
+    """How sequences become rows and logits: sequences that share a prompt in one row
+    (shared_prompt), several groups per row up to `capacity` tokens (packing; 0: the batch's longest
+    group; None: off), whether the LM head runs only at completion positions (the default) or
+    everywhere, and how many rows of hidden states go through it at once (0: all in one call, as
+    ZeRO-3 needs: there the number of calls must not depend on a rank's data)."""
     shared_prompt: bool = True
     capacity: Optional[int] = None
     full_logits: bool = False
+    head_chunk: int = 1024
+
+
+@dataclass(frozen=True)
+class Runner:
+    """How no-grad forward passes over many sequences run (the reference pass, logps_of)."""
+    pad_id: int
+    device: Any = "cpu"
+    autocast: Callable = contextlib.nullcontext
+    batch_size: int = 16
+    call: Optional[Callable] = None  # call(fn, *args) runs fn(model, *args), e.g. through a DeepSpeed engine
+    layout: Layout = Layout()
 
 
 @dataclass
@@ -63,12 +73,13 @@ def logit_transform(config) -> tuple:
     return scale, _config_value(config, "final_logit_softcapping")
 
 
-def head_logps(head, hidden: torch.Tensor, labels: torch.Tensor, transform: tuple = (1.0, None)) -> torch.Tensor:
-    """log softmax(transform(head(hidden)))[label] for each row, computed HEAD_CHUNK rows at a time
-    (all at once when HEAD_CHUNK is 0). The head runs at least once, on zero rows if need be: under
+def head_logps(head, hidden: torch.Tensor, labels: torch.Tensor, transform: tuple = (1.0, None),
+               chunk: int = 1024) -> torch.Tensor:
+    """log softmax(transform(head(hidden)))[label] for each row, computed `chunk` rows at a time
+    (all at once when chunk is 0). The head runs at least once, on zero rows if need be: under
     ZeRO-3 every rank must call each module the same number of times. (N,)"""
     scale, cap = transform
-    chunk = HEAD_CHUNK or max(1, hidden.shape[0])
+    chunk = chunk or max(1, hidden.shape[0])
     parts = []
     for start in range(0, max(1, hidden.shape[0]), chunk):
         logits = head(hidden[start:start + chunk]).float()  # (n, V)
@@ -130,26 +141,27 @@ def layout_problem(model, max_length: int) -> Optional[str]:
 
 
 def _token_logps(model, inputs: dict, rows: torch.Tensor, cols: torch.Tensor, labels: torch.Tensor,
-                 full_logits: bool, want_hidden: bool = False) -> tuple:
+                 layout: Layout, want_hidden: bool = False) -> tuple:
     """(log-probs (N,) of labels predicted at positions (rows, cols), the hidden states there or
     None). The sparse path runs the LM head at those positions only."""
-    if not full_logits and model.get_output_embeddings() is not None:
+    if not layout.full_logits and model.get_output_embeddings() is not None:
         h = model.base_model(**inputs).last_hidden_state[rows, cols]  # (N, H)
-        return head_logps(model.get_output_embeddings(), h, labels, logit_transform(model.config)), h
+        head = model.get_output_embeddings()
+        return head_logps(head, h, labels, logit_transform(model.config), layout.head_chunk), h
     out = model(**inputs, output_hidden_states=want_hidden)
     h = out.hidden_states[-1][rows, cols] if want_hidden else None
-    return head_logps(lambda x: x, out.logits[rows, cols], labels), h
+    return head_logps(lambda x: x, out.logits[rows, cols], labels, chunk=layout.head_chunk), h
 
 
 def completion_logps(model, batch: dict, per_token: bool = False, hidden: bool = False,
-                     full_logits: bool = False) -> Logps:
+                     layout: Layout = Layout()) -> Logps:
     """log pi(token | prefix) of the completion tokens of a collated (right-padded) batch."""
     input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]  # (B, T)
     targets = completion_mask[:, 1:]  # (B, T-1): position t predicts token t+1
     rows, cols = targets.nonzero(as_tuple=True)  # (N,), (N,)
     labels = input_ids[rows, cols + 1]  # (N,)
     inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"]}
-    token_logps, h = _token_logps(model, inputs, rows, cols, labels, full_logits, want_hidden=hidden)
+    token_logps, h = _token_logps(model, inputs, rows, cols, labels, layout, want_hidden=hidden)
     B = input_ids.shape[0]
     seq = torch.zeros(B, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)  # (B,)
     lengths = targets.sum(1)  # (B,)
@@ -164,38 +176,38 @@ def completion_logps(model, batch: dict, per_token: bool = False, hidden: bool =
     return result
 
 
-def completion_logps_and_values(model, batch: dict, value_head, full_logits: bool = False) -> Logps:
+def completion_logps_and_values(model, batch: dict, value_head, layout: Layout = Layout()) -> Logps:
     """Per-token log-probs and a value head on the hidden states that predicted them, in one
     forward (under ZeRO-3 the value head must run inside the engine's forward too)."""
-    lp = completion_logps(model, batch, per_token=True, hidden=True, full_logits=full_logits)
+    lp = completion_logps(model, batch, per_token=True, hidden=True, layout=layout)
     lp.values = value_head(lp.hidden.float()).squeeze(-1)  # (B, L)
     return lp
 
 
 @torch.no_grad()
-def logps_of(model, sequences: list, batch_size: int, pad_id: int, device, autocast, progress=None,
-             per_token: bool = False, stats: Optional[dict] = None, call=None, layout: Layout = Layout()) -> tuple:
+def logps_of(model, sequences: list, run: Runner, per_token: bool = False, progress=None,
+             stats: Optional[dict] = None) -> tuple:
     """Completion log-probs for many (prompt ids, completion ids) pairs, batched by length so little
     padding is computed, returned in the order given, on CPU: (seq (N,), tokens (N, L) or None,
-    lengths (N,) of the scored completion tokens). stats["forwards"] counts the forward passes;
-    call(fn, *args) runs fn(model, *args) (through a DeepSpeed engine, say)."""
+    lengths (N,) of the scored completion tokens). stats["forwards"] counts the forward passes."""
     stats = stats if stats is not None else {}
     stats.setdefault("forwards", 0)
-    call = call or (lambda fn, *args, **kwargs: fn(model, *args, **kwargs))
+    call = run.call or (lambda fn, *args, **kwargs: fn(model, *args, **kwargs))
     from .data import collate
 
     longest = max((len(p) + len(c) for p, c in sequences), default=0)
-    if not per_token and layout.shared_prompt and not layout_problem(model, longest):
-        return _logps_by_prompt(call, sequences, batch_size, pad_id, device, autocast, progress, stats, layout)
+    if not per_token and run.layout.shared_prompt and not layout_problem(model, longest):
+        return _logps_by_prompt(call, sequences, run, progress, stats)
+    batch_size, device = run.batch_size, run.device
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
     seq = torch.empty(len(sequences), dtype=torch.float32)
     lengths = torch.zeros(len(sequences), dtype=torch.long)
     tokens = torch.zeros(len(sequences), max((len(c) for _, c in sequences), default=0)) if per_token else None
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in collate([sequences[i] for i in idx], pad_id).items()}
-        with autocast():
-            lp = call(completion_logps, batch, per_token=per_token, full_logits=layout.full_logits)
+        batch = {k: v.to(device) for k, v in collate([sequences[i] for i in idx], run.pad_id).items()}
+        with run.autocast():
+            lp = call(completion_logps, batch, per_token=per_token, layout=run.layout)
         stats["forwards"] += 1
         seq[idx] = lp.seq.float().cpu()
         lengths[idx] = lp.lengths.cpu()
@@ -210,8 +222,7 @@ MAX_SHARED = 8  # completions packed behind one prompt in a row
 
 
 @torch.no_grad()
-def _logps_by_prompt(call, sequences: list, batch_size: int, pad_id: int, device, autocast, progress, stats,
-                     layout: Layout) -> tuple:
+def _logps_by_prompt(call, sequences: list, run: Runner, progress, stats) -> tuple:
     """logps_of for sequences that share prompts (an example, its pair sibling and their KL
     sequences all start with the same prompt): each row holds a prompt and up to MAX_SHARED of its
     completions (packed_batch), so the prompt is computed once for all of them."""
@@ -222,12 +233,12 @@ def _logps_by_prompt(call, sequences: list, batch_size: int, pad_id: int, device
     groups.sort(key=lambda g: len(g[0]) + sum(len(sequences[i][1]) for i in g[1]))
     seq = torch.empty(len(sequences), dtype=torch.float32)
     lengths = torch.zeros(len(sequences), dtype=torch.long)
-    rows_per_batch = max(1, batch_size // 2)
+    rows_per_batch = max(1, run.batch_size // 2)
     for start in range(0, len(groups), rows_per_batch):
         chunk = groups[start:start + rows_per_batch]
-        packed = to_device(packed_batch([(p, [sequences[i][1] for i in idx]) for p, idx in chunk], pad_id), device)
-        with autocast():
-            slots = call(packed_logps, packed, grad_slots=(), full_logits=layout.full_logits)
+        packed = to_device(packed_batch([(p, [sequences[i][1] for i in idx]) for p, idx in chunk], run.pad_id), run.device)
+        with run.autocast():
+            slots = call(packed_logps, packed, grad_slots=(), layout=run.layout)
         stats["forwards"] += 1
         slot_seq = [s.seq.float().cpu() for s in slots]  # one copy per slot, not one per sequence
         slot_len = [s.lengths.cpu() for s in slots]
@@ -302,7 +313,7 @@ def packed_batch(groups: list, pad_id: int, capacity: Optional[int] = None) -> d
             "slot_tokens": [sum(len(p) + len(cs[j]) for p, cs in groups if j < len(cs) and cs[j]) for j in range(len(targets))]}
 
 
-def packed_logps(model, packed: dict, grad_slots: tuple = (0,), full_logits: bool = False) -> list:
+def packed_logps(model, packed: dict, grad_slots: tuple = (0,), layout: Layout = Layout()) -> list:
     """Per completion slot, Logps of each group: (G,) summed log-probs and (G,) scored lengths.
     Slots not in grad_slots carry no gradient. The LM head runs once for the slots with gradient
     and once for those without, whatever the number of slots (ZeRO-3 needs the same calls on every
@@ -312,7 +323,7 @@ def packed_logps(model, packed: dict, grad_slots: tuple = (0,), full_logits: boo
               "attention_mask": attention_mask_for(model, packed["mask"])}
     G = packed["groups"]
     targets = [tuple(x.to(device) for x in t) for t in packed["targets"]]  # per slot: group, row, position, label
-    if full_logits or model.get_output_embeddings() is None:
+    if layout.full_logits or model.get_output_embeddings() is None:
         logits = model(**inputs).logits  # (B, L, V)
         head, transform, hidden = (lambda x: x), (1.0, None), logits
     else:
@@ -328,7 +339,7 @@ def packed_logps(model, packed: dict, grad_slots: tuple = (0,), full_logits: boo
         labels = torch.cat([targets[j][3] for j in slots])  # (N,)
         with contextlib.nullcontext() if with_grad else torch.no_grad():
             h = hidden if with_grad else hidden.detach()
-            flat = head_logps(head, h[rows, cols], labels, transform)  # (N,)
+            flat = head_logps(head, h[rows, cols], labels, transform, layout.head_chunk)  # (N,)
         for j, part in zip(slots, flat.split([len(targets[j][0]) for j in slots])):
             logps[j] = part
     out = []
@@ -360,11 +371,11 @@ def layout_logps(model, groups: list, pad_id: int, layout: Layout) -> torch.Tens
     if not layout.shared_prompt and layout.capacity is None:
         seqs = [(p, c) for p, cs in groups for c in cs]
         batch = {k: v.to(model.device) for k, v in collate(seqs, pad_id).items()}
-        return completion_logps(model, batch, full_logits=layout.full_logits).seq
+        return completion_logps(model, batch, layout=layout).seq
     if not layout.shared_prompt:
         groups = [(p, [c]) for p, cs in groups for c in cs]
     packed = to_device(packed_batch(groups, pad_id, layout.capacity), model.device)
-    slots = packed_logps(model, packed, grad_slots=(), full_logits=layout.full_logits)
+    slots = packed_logps(model, packed, grad_slots=(), layout=layout)
     return torch.cat([slots[j].seq[g:g + 1] for g, (_, cs) in enumerate(groups) for j in range(len(cs))])
 
 

@@ -8,8 +8,8 @@ import torch
 from . import distributed as dist
 from . import reference as reference_mod
 from .config import CacheMode, Precision, RunConfig, UserError
-from .logprobs import Layout
-from .models import load_model, load_tokenizer
+from .logprobs import Layout, Runner
+from .models import load_model
 from .reference import open_cache
 from .train import Trainer
 
@@ -23,18 +23,16 @@ def precompute(cfg: RunConfig) -> dict:
         raise UserError(f"loss={cfg.loss.name} uses no reference model: nothing to precompute")
     if cfg.reference.cache != CacheMode.readwrite:
         raise UserError("kto-precompute writes the reference cache: set reference.cache=readwrite")
-    tr.tokenizer = load_tokenizer(cfg.model)
-    tr.pad_id = tr.tokenizer.pad_token_id
-    tr.splits = tr.load_data()
+    tr.load_inputs()
     used = {name: (split, range(len(split))) for name, split in tr.splits.items()}
     rank, local_rank, world = dist.env_ranks()
     if tr.device.type == "cuda" and tr.device.index is None:
         tr.device = torch.device("cuda", local_rank)  # one GPU per process on a node
     cache = open_cache(cfg, tr.tokenizer)
+    run = Runner(tr.pad_id, tr.device, tr.autocast, cfg.reference.batch_size,
+                 layout=Layout(cfg.trainer.shared_prompt, full_logits=not cfg.model.sparse_head))
     _, report = reference_mod.reference_pass(lambda: reference_model(cfg, tr), used, tr.need.kl, tr.need.per_token,
-                                             cache, cfg.reference.batch_size, tr.pad_id, tr.device, tr.autocast,
-                                             tr.show_progress, shard=(rank, world),
-                                             layout=Layout(cfg.trainer.shared_prompt, None, not cfg.model.sparse_head))
+                                             cache, run, tr.show_progress, shard=(rank, world))
     print(f"kto-precompute: {report['reused']} values already cached, {report['computed']} computed "
           f"(process {rank} of {world}) in {cache.dir}", flush=True)
     return report

@@ -28,6 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from .files import atomic_write
+
 log = logging.getLogger("kto_cli")
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.gguf", "config.json")
@@ -62,9 +64,7 @@ def folder_digest(folder: Path, memo_path: Path) -> str:
     for p in files:
         h.update(f"{p.name}:{file_digest(p, memo)}\n".encode())
     memo_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo_path.with_name(f"{memo_path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(memo))
-    os.replace(tmp, memo_path)
+    atomic_write(memo_path, lambda tmp: tmp.write_text(json.dumps(memo)))
     return h.hexdigest()
 
 
@@ -150,9 +150,8 @@ class RefCache:
         checksum = _tensor_checksum(arrays)
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"{checksum[:32]}.safetensors"
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        save_file(arrays, str(tmp), metadata={"checksum": checksum})
-        os.replace(tmp, path)  # same content, same name: concurrent writers leave one valid file
+        # same content, same name: concurrent writers leave one valid file
+        atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata={"checksum": checksum}))
         self.read.add(path.name)
         for i, k in enumerate(keys):
             self.entries[k] = (float(arrays["seq"][i]), tokens[i].numpy() if self.per_token else None)

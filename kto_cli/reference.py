@@ -7,7 +7,6 @@ the freshly loaded model before the first step: training never holds a second mo
 """
 import contextlib
 import logging
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional
@@ -20,7 +19,8 @@ from tqdm.auto import tqdm
 from . import distributed as dist
 from . import objectives
 from .config import CacheMode, Precision, RunConfig
-from .logprobs import Layout, logps_of
+from .files import atomic_write
+from .logprobs import Runner, logps_of
 from .models import cache_root, model_key
 from .refcache import RefCache, sequence_key
 
@@ -37,8 +37,17 @@ class ReferenceLogps:
     eval_kl: Optional[torch.Tensor] = None
     eval_tokens: Optional[torch.Tensor] = None
 
-    def get(self, split: str, kind: str = "") -> Optional[torch.Tensor]:
-        return getattr(self, f"{split}{kind}")
+    def seq(self, split: str) -> torch.Tensor:
+        """(N,) of the split's examples."""
+        return getattr(self, split)
+
+    def kl(self, split: str) -> Optional[torch.Tensor]:
+        """(N,) of the split's KL sequences."""
+        return getattr(self, f"{split}_kl")
+
+    def tokens(self, split: str) -> Optional[torch.Tensor]:
+        """(N, L) per token."""
+        return getattr(self, f"{split}_tokens")
 
 
 def wanted(splits: dict, kl: bool) -> list:
@@ -52,8 +61,7 @@ def wanted(splits: dict, kl: bool) -> list:
 
 
 def reference_pass(get_model: Callable, splits: dict, kl: bool, per_token: bool, cache: Optional[RefCache],
-                   batch_size: int, pad_id: int, device, autocast, show_progress: bool = True,
-                   shard: tuple = (0, 1), exchange: bool = False, call=None, layout: Layout = Layout()) -> tuple:
+                   run: Runner, show_progress: bool = True, shard: tuple = (0, 1), exchange: bool = False) -> tuple:
     """splits: name ("train"/"eval") -> (Split, indices of the examples that will be used).
     Looks every sequence up in the cache by content, computes only the missing ones (this
     process's share of them when shard = (rank, world size)), stores those, and returns
@@ -62,8 +70,7 @@ def reference_pass(get_model: Callable, splits: dict, kl: bool, per_token: bool,
     and the ReferenceLogps is None. With exchange (training under torch.distributed), rank 0's
     list of missing values is the one every rank shards, every rank runs as many forward passes
     as the busiest (ZeRO-3 gathers parameters collectively), and the values are exchanged.
-    call(fn, *args) runs fn(model, *args), e.g. through the DeepSpeed engine; layout: the rows and LM
-    head training uses (logprobs.Layout)."""
+    run: how forward passes run (batch size, device, precision, the engine, training's layout)."""
     jobs = wanted(splits, kl)
     keys = [[sequence_key(*s) for s in seqs] for _, _, _, seqs in jobs]
     # one run at a time finds and computes what is missing (sharded precompute processes split the
@@ -82,8 +89,7 @@ def reference_pass(get_model: Callable, splits: dict, kl: bool, per_token: bool,
                 cache.refresh()  # what rank 0 found stored (it looked under the lock)
         reused = len({k for ks in keys for k in ks}) - len(todo)
         mine = list(todo)[shard[0]::shard[1]]
-        values = compute(get_model, [todo[k] for k in mine], mine, per_token, batch_size, pad_id, device, autocast,
-                         show_progress, lockstep=exchange, call=call, layout=layout)
+        values = compute(get_model, [todo[k] for k in mine], mine, per_token, run, show_progress, lockstep=exchange)
         if cache is not None:
             path = cache.put(mine, torch.tensor([values[k][0] for k in mine]), [values[k][1] for k in mine] if per_token else None)
             if path:
@@ -98,8 +104,8 @@ def reference_pass(get_model: Callable, splits: dict, kl: bool, per_token: bool,
     return assemble(jobs, keys, lookup, per_token), report
 
 
-def compute(get_model, sequences: list, keys: list, per_token: bool, batch_size, pad_id, device, autocast,
-            show_progress, lockstep: bool = False, call=None, layout: Layout = Layout()) -> dict:
+def compute(get_model, sequences: list, keys: list, per_token: bool, run: Runner, show_progress: bool,
+            lockstep: bool = False) -> dict:
     """key -> (summed log-prob, per-token log-probs or None) for sequences, on the reference model.
     lockstep: every rank joins the same number of forward passes, padding with one-token ones."""
     if not sequences and not lockstep:
@@ -108,12 +114,10 @@ def compute(get_model, sequences: list, keys: list, per_token: bool, batch_size,
     model.eval()
     stats = {"forwards": 0}
     with tqdm(total=len(sequences), desc="reference pass", unit="seq", disable=not show_progress) as bar:
-        seq, tokens, lengths = logps_of(model, sequences, batch_size, pad_id, device, autocast, bar,
-                                        per_token=per_token, stats=stats, call=call, layout=layout)
+        seq, tokens, lengths = logps_of(model, sequences, run, per_token, progress=bar, stats=stats)
     if lockstep:
         for _ in range(dist.all_max(stats["forwards"]) - stats["forwards"]):
-            logps_of(model, [([pad_id], [pad_id])], 1, pad_id, device, autocast, per_token=per_token, call=call,
-                     layout=layout)
+            logps_of(model, [([run.pad_id], [run.pad_id])], run, per_token)
     return {k: (float(seq[i]), tokens[i, : lengths[i]].clone() if per_token else None) for i, k in enumerate(keys)}
 
 
@@ -137,9 +141,7 @@ def assemble(jobs: list, keys: list, lookup: Callable, per_token: bool) -> Refer
 def save(ref: ReferenceLogps, path: Path, fingerprint: str) -> None:
     """Written under a temp name and renamed, so a crash never leaves a half-written file."""
     tensors = {f.name: getattr(ref, f.name).contiguous() for f in fields(ref) if getattr(ref, f.name) is not None}
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint})
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint}))
 
 
 def load(path: Path, fingerprint: str) -> Optional[ReferenceLogps]:

@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +22,8 @@ from .backend import DeepSpeedBackend, Policy, TorchBackend, accumulation, ds_co
 from .checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ModelSource, Precision, RunConfig, UnpairMode, UserError, config_digest, fingerprint
 from .data import build_splits, collate
-from .logprobs import Layout, Logps, completion_logps, completion_logps_and_values, packed_batch, packed_logps, to_device
+from .logprobs import (Layout, Logps, Runner, completion_logps, completion_logps_and_values, packed_batch,
+                       packed_logps, to_device)
 from .losses import kl_estimate
 from .metrics import MetricSums, MetricsLog, pair_accuracy, peak_gpu_mb, peak_rss_mb, print_summary
 from .models import load_model, load_tokenizer
@@ -51,6 +53,15 @@ def autocast_for(device: torch.device, precision: Precision):
 # ---------------------------------------------------------------- the steps
 
 
+@dataclass
+class MicroStep:
+    loss: torch.Tensor  # () to backpropagate
+    metrics: dict  # name -> 1-D tensor of per-example (or per-batch) values
+    tokens: int  # tokens the forward computed (throughput)
+    idx: list  # the example indices of the micro-batch (paired: chosen ones, then rejected)
+    logps: torch.Tensor  # (B,) their policy log-probs, detached
+
+
 class Trainer:
     """Holds one run's data, model and optimizer; every loss goes through the same steps, doing
     only the work its objective's Needs (kto_cli/objectives/) ask for."""
@@ -77,12 +88,7 @@ class Trainer:
         if dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        self.tokenizer = load_tokenizer(cfg.model)
-        if self.objective.special_tokens():
-            self.tokenizer.add_special_tokens({"additional_special_tokens": self.objective.special_tokens()})
-        self.pad_id = self.tokenizer.pad_token_id
-        self.splits = self.load_data()
-        self.units = {name: objectives.units(split, need) for name, split in self.splits.items()}
+        self.load_inputs()
         self.model = self.load_model()
         if len(self.tokenizer) > self.model.get_input_embeddings().weight.shape[0]:  # control tokens
             self.model.resize_token_embeddings(len(self.tokenizer))
@@ -119,7 +125,8 @@ class Trainer:
             log.info("trainer.shared_prompt: separate rows instead, since for this model %s", problem)
         # row capacity of packed batches: 0 = the micro-batch's longest sequence group; None = one per row
         return Layout(shared_prompt=t.shared_prompt and not problem,
-                      capacity=(t.pack_length or 0) if t.packing else None, full_logits=not m.sparse_head)
+                      capacity=(t.pack_length or 0) if t.packing else None, full_logits=not m.sparse_head,
+                      head_chunk=0 if self.cfg.deepspeed.stage == 3 else Layout.head_chunk)
 
     def check_layout(self) -> None:
         """The start-up self-check: on this rank's first micro-batch, the log-probs training computes
@@ -138,8 +145,8 @@ class Trainer:
         kernel = logprobs.attention_kernel(self.model)
         loose = next(self.model.parameters()).dtype == torch.bfloat16 or kernel.startswith("flash")
         tolerance = 5e-2 if loose else 1e-3
-        layout = self.layout if need.kl or need.paired else Layout(
-            False, None if need.per_token else self.layout.capacity, self.layout.full_logits)
+        layout = self.layout if need.kl or need.paired else replace(
+            self.layout, shared_prompt=False, capacity=None if need.per_token else self.layout.capacity)
         self.model.eval()
 
         def difference(lay: Layout) -> float:
@@ -149,7 +156,7 @@ class Trainer:
         if diff <= tolerance:
             log.info("start-up check: log-probs as trained equal a plain forward (difference %.2g nats per token)", diff)
             return
-        separate = Layout(False, None, layout.full_logits)
+        separate = replace(layout, shared_prompt=False, capacity=None)
         if layout != separate and difference(separate) <= tolerance:
             culprit, fix = "shared-prompt/packed rows", "trainer.shared_prompt=false trainer.packing=false"
         elif not layout.full_logits:
@@ -176,8 +183,6 @@ class Trainer:
             raise UserError("the processes composed different configs (different command lines or config "
                             "files per node?); every rank must run the same overrides")
         self.device = local_device(local_rank)
-        if self.cfg.deepspeed.stage == 3:  # the LM head's calls may not depend on a rank's data
-            logprobs.HEAD_CHUNK = 0
         if self.rank > 0:  # one copy of each info line: rank 0's
             log.setLevel(logging.WARNING)
             self.show_progress = False
@@ -191,6 +196,16 @@ class Trainer:
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # transformers holds a weak reference
         model = load_model(cfg.model, self.tokenizer)
         return model if self.deepspeed else model.to(self.device)
+
+    def load_inputs(self) -> None:
+        """The tokenizer (with the objective's special tokens), the tokenized splits and their units:
+        all a run needs before a model loads (kto-precompute, tests)."""
+        self.tokenizer = load_tokenizer(self.cfg.model)
+        if self.objective.special_tokens():
+            self.tokenizer.add_special_tokens({"additional_special_tokens": self.objective.special_tokens()})
+        self.pad_id = self.tokenizer.pad_token_id
+        self.splits = self.load_data()
+        self.units = {name: objectives.units(split, self.need) for name, split in self.splits.items()}
 
     def load_data(self) -> dict:
         cfg = self.cfg
@@ -225,15 +240,15 @@ class Trainer:
         fp = fingerprint(self.cfg)
         used = {name: (split, self.used_examples(name)) for name, split in self.splits.items()}
         ref = reference_mod.load(path, fp) if self.cfg.trainer.resume else None
-        complete = ref is not None and all(not ref.get(n)[idx].isnan().any() for n, (_, idx) in used.items())
+        complete = ref is not None and all(not ref.seq(n)[idx].isnan().any() for n, (_, idx) in used.items())
         if dist.broadcast(complete):  # every rank decides as rank 0 does
             log.info("reference log-probs: reused %s", path)
             return ref
         started = time.perf_counter()
+        run = Runner(self.pad_id, self.device, self.autocast, self.cfg.reference.batch_size, self.backend, self.layout)
         ref, report = reference_mod.reference_pass(
-            lambda: self.model, used, self.need.kl, self.need.per_token, open_cache(self.cfg, self.tokenizer),
-            self.cfg.reference.batch_size, self.pad_id, self.device, self.autocast, self.show_progress,
-            shard=(self.rank, self.world), exchange=self.world > 1, call=self.backend, layout=self.layout)
+            lambda: self.model, used, self.need.kl, self.need.per_token, open_cache(self.cfg, self.tokenizer), run,
+            self.show_progress, shard=(self.rank, self.world), exchange=self.world > 1)
         log.info("reference log-probs: %d reused from the cache, %d computed", report["reused"], report["computed"])
         self.reference_report = {**report, "seconds": time.perf_counter() - started}
         if dist.is_main():
@@ -248,19 +263,20 @@ class Trainer:
         seqs = [split.kl_sequence(i) if kl else split.sequence(i) for i in idx]
         if source == "reference":
             lengths = torch.tensor([len(c) - (not p) for p, c in seqs], device=self.device)  # tokens scored
-            return Logps(seq=self.ref.get(name, "_kl" if kl else "")[idx].to(self.device), lengths=lengths), 0
-        want_tokens, full = not kl and self.need.per_token, self.layout.full_logits
+            values = self.ref.kl(name) if kl else self.ref.seq(name)
+            return Logps(seq=values[idx].to(self.device), lengths=lengths), 0
+        want_tokens, layout = not kl and self.need.per_token, self.layout
         with self.autocast(), (torch.no_grad() if kl else contextlib.nullcontext()):
             if self.layout.capacity is not None and not want_tokens:
                 packed = to_device(packed_batch([(p, [c]) for p, c in seqs], self.pad_id, self.layout.capacity),
                                    self.device)
-                slots = self.backend(packed_logps, packed, grad_slots=() if kl else (0,), full_logits=full)
+                slots = self.backend(packed_logps, packed, grad_slots=() if kl else (0,), layout=layout)
                 return slots[0], packed["slot_tokens"][0]
             batch = {k: v.to(self.device) for k, v in collate(seqs, self.pad_id).items()}
             if want_tokens and self.need.value_head:
-                lp = self.backend(completion_logps_and_values, batch, self.value_head, full)
+                lp = self.backend(completion_logps_and_values, batch, self.value_head, layout)
             else:
-                lp = self.backend(completion_logps, batch, per_token=want_tokens, full_logits=full)
+                lp = self.backend(completion_logps, batch, per_token=want_tokens, layout=layout)
         return lp, int(batch["attention_mask"].sum())
 
     def shared_forward(self, name: str, idx: list) -> tuple:
@@ -278,15 +294,15 @@ class Trainer:
                            self.device)
         with self.autocast():
             first, second = self.backend(packed_logps, packed, grad_slots=(0, 1) if paired else (0,),
-                                         full_logits=self.layout.full_logits)
+                                         layout=self.layout)
         tokens = sum(packed["slot_tokens"]) if paired else packed["slot_tokens"][0]  # as two separate batches
         if paired:
             return Logps(seq=torch.cat([first.seq, second.seq]), lengths=torch.cat([first.lengths, second.lengths])), \
                 None, tokens
         return first, second.seq, tokens
 
-    def micro_step(self, name: str, units: list, source: str = "policy", across_ranks: bool = True) -> tuple:
-        """(loss, metrics, tokens, example indices, their policy log-probs) of one micro-batch.
+    def micro_step(self, name: str, units: list, source: str = "policy", across_ranks: bool = True) -> "MicroStep":
+        """One micro-batch's loss and metrics (and what evaluation and throughput need of it).
         across_ranks: this micro-batch is one of every rank's in this accumulation round, and
         cross-rank statistics (KTO's KL estimate, token counts) sum over all of them."""
         need, ref = self.need, self.ref
@@ -296,18 +312,18 @@ class Trainer:
         reduce, ranks = (dist.all_sum, self.world) if across_ranks else (objectives.single_process, 1)
         if need.kl:  # the KTO reference point, from the examples' KL partners, without gradient
             kl_logps = shared[1] if shared else self.forward(name, idx, kl=True, source=source)[0].seq  # (B,)
-            kl_ratio = kl_logps - ref.get(name, "_kl")[idx].to(self.device)  # (B,)
+            kl_ratio = kl_logps - ref.kl(name)[idx].to(self.device)  # (B,)
             total = reduce(torch.stack([kl_ratio.sum().float(), torch.tensor(float(len(idx)), device=self.device)]))  # (2,)
             kl = kl_estimate(total[0], total[1])
         lp, tokens = (shared[0], shared[2]) if shared else self.forward(name, idx, source=source)
         ref_logps = {}
         if need.reference:
-            ref_logps["seq"] = ref.get(name)[idx].to(self.device)
+            ref_logps["seq"] = ref.seq(name)[idx].to(self.device)
             if need.per_token:
-                ref_logps["tokens"] = ref.get(name, "_tokens")[idx].to(self.device)
+                ref_logps["tokens"] = ref.tokens(name)[idx].to(self.device)
         desirable = self.splits[name].desirable(idx).to(self.device)
         loss, metrics = self.objective.loss(objectives.LossInputs(lp, ref_logps, desirable, kl, lp.values, reduce, ranks))
-        return loss, metrics, tokens, idx, lp.seq.detach()
+        return MicroStep(loss, metrics, tokens, idx, lp.seq.detach())
 
     def optimizer_step(self, step: int) -> dict:
         """One optimizer step on the global batch: with W ranks and micro-batches of m units, round k
@@ -320,10 +336,10 @@ class Trainer:
         sums, tokens, start, lr = MetricSums(), 0, time.perf_counter(), self.backend.lr()
         for k in range(accum):
             lo = (k * self.world + self.rank) * m
-            loss, metrics, n_tok, _, _ = self.micro_step("train", batch[lo:lo + m])
-            self.backend.backward(loss, accum)
-            sums.add(metrics)
-            tokens += n_tok
+            micro = self.micro_step("train", batch[lo:lo + m])
+            self.backend.backward(micro.loss, accum)
+            sums.add(micro.metrics)
+            tokens += micro.tokens
         grad_norm = self.backend.step()
         tokens = float(dist.all_sum(torch.tensor(float(tokens))))
         out = sums.means(across_ranks=True)
@@ -341,9 +357,9 @@ class Trainer:
         self.model.eval()
         sums, logps = MetricSums(), torch.full((len(split),), float("nan"))
         for start in range(0, len(units), bs):
-            _, metrics, _, idx, seq = self.micro_step("eval", units[start:start + bs], source, across_ranks=False)
-            sums.add(metrics)
-            logps[idx] = seq.float().cpu()
+            micro = self.micro_step("eval", units[start:start + bs], source, across_ranks=False)
+            sums.add(micro.metrics)
+            logps[micro.idx] = micro.logps.float().cpu()
         missing = logps.isnan().nonzero().squeeze(1).tolist()  # e.g. the rejected side, for sft
         for start in range(0, len(missing), bs):
             idx = missing[start:start + bs]

@@ -92,7 +92,7 @@ def rotated_kl(split) -> list:
 def run_bare(model_name: str, steps: int, out: Path, lr: float = LR, trl_kl: bool = False, overrides: tuple = ()) -> dict:
     import torch
     from kto_cli.data import collate
-    from kto_cli.logprobs import completion_logps, logps_of
+    from kto_cli.logprobs import Runner, completion_logps, logps_of
     from kto_cli.losses import kl_estimate, kto_loss
     start = time.perf_counter()
     cfg, tok, split, load = setup(model_name, steps, out, lr, overrides)
@@ -101,8 +101,9 @@ def run_bare(model_name: str, steps: int, out: Path, lr: float = LR, trl_kl: boo
     seqs = [split.sequence(i) for i in range(n)]
     kl_seqs = rotated_kl(split) if trl_kl else [split.kl_sequence(i) for i in range(n)]
     off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
-    ref, _, _ = logps_of(model, seqs, 16, tok.pad_token_id, "cpu", off)
-    ref_kl, _, _ = logps_of(model, kl_seqs, 16, tok.pad_token_id, "cpu", off)
+    run = Runner(tok.pad_token_id, "cpu", off, 16)
+    ref, _, _ = logps_of(model, seqs, run)
+    ref_kl, _, _ = logps_of(model, kl_seqs, run)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
     model.train()
     first_step_at = time.perf_counter()

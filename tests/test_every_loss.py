@@ -8,8 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kto_cli.config import UserError
 from kto_cli.metrics import read_metrics
-from kto_cli.models import load_tokenizer
-from kto_cli.objectives import choices, objective_class, units
+from kto_cli.objectives import choices, objective_class
 from kto_cli.train import Trainer, train
 
 from conftest import make_config, write_jsonl
@@ -85,8 +84,8 @@ def test_paired_data_feeds_every_kind_of_loss(tmp_path):
     seen = {}
     for loss in ("dpo", "kto", "sft"):
         tr = Trainer(make_config(*TINY, f"loss={loss}"), tmp_path / loss)
-        tr.tokenizer = load_tokenizer(tr.cfg.model)
-        seen[loss] = units(tr.load_data()["train"], tr.need)
+        tr.load_inputs()
+        seen[loss] = tr.units["train"]
     assert len(seen["dpo"]) == 12 and all(isinstance(u, tuple) for u in seen["dpo"])
     assert len(seen["kto"]) == 24 and len(seen["sft"]) == 12
 
@@ -117,8 +116,8 @@ def test_truncated_prompts_stay_shared(tmp_path, loss):
     losses of separate forwards."""
     short = ["dataset.max_length=86", "dataset.max_prompt_length=80"]
     tr = Trainer(make_config(*TINY, f"loss={loss}", *short), tmp_path / "probe")
-    tr.tokenizer = load_tokenizer(tr.cfg.model)
-    split = tr.load_data()["train"]
+    tr.load_inputs()
+    split = tr.splits["train"]
     assert any(len(p) > 80 for p in split.prompt_ids)
     assert all(split.kl_sequence(i)[0] == split.sequence(i)[0] for i in range(len(split)))
     assert all(split.sequence(c)[0] == split.sequence(r)[0] for c, r in split.pairs())

@@ -10,7 +10,7 @@ import transformers as tf
 from kto_cli import logprobs
 from kto_cli.config import AttnImplementation, ModelConfig, ModelSource, UserError
 from kto_cli.data import collate
-from kto_cli.logprobs import Layout, check_layout, completion_logps, logps_of, packed_batch, packed_logps
+from kto_cli.logprobs import Layout, Runner, check_layout, completion_logps, logps_of, packed_batch, packed_logps
 from kto_cli.models import load_model
 
 V = 300
@@ -63,18 +63,19 @@ def every_layout(model) -> dict:
     """name -> (N,) log-probs of SEQS, as each of kto-cli's layouts computes them."""
     batch = collate(SEQS, pad_id=0)
     per_token = completion_logps(model, batch, per_token=True)
-    off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    run = Runner(pad_id=0, batch_size=3)
     got = {
         "separate rows, sparse head": completion_logps(model, batch).seq,
-        "separate rows, full logits": completion_logps(model, batch, full_logits=True).seq,
+        "separate rows, full logits": completion_logps(model, batch, layout=Layout(full_logits=True)).seq,
+        "separate rows, head in chunks of 2": completion_logps(model, batch, layout=Layout(head_chunk=2)).seq,
         "per token": (per_token.tokens * per_token.mask).sum(1),
-        "reference pass (by prompt)": logps_of(model, SEQS, 3, 0, "cpu", off)[0],
-        "reference pass (per token)": logps_of(model, SEQS, 3, 0, "cpu", off, per_token=True)[1].sum(1),
+        "reference pass (by prompt)": logps_of(model, SEQS, run)[0],
+        "reference pass (per token)": logps_of(model, SEQS, run, per_token=True)[1].sum(1),
     }
     for name, capacity in (("shared prompt", None), ("shared prompt, packed", 16), ("packed rows", 0)):
         groups = GROUPS if name.startswith("shared") else [(p, [c]) for p, c in SEQS]
         for full in (False, True):
-            slots = packed_logps(model, packed_batch(groups, 0, capacity), grad_slots=(), full_logits=full)
+            slots = packed_logps(model, packed_batch(groups, 0, capacity), grad_slots=(), layout=Layout(full_logits=full))
             got[f"{name}{', full logits' if full else ''}"] = torch.stack(
                 [slots[j].seq[g] for g, (_, cs) in enumerate(groups) for j in range(len(cs))])
     return got
@@ -129,7 +130,7 @@ def test_sliding_window_shorter_than_the_data_means_separate_rows():
     seqs = [(list(range(5, 15)), [20, 21, 22])]  # 13 tokens: the window matters
     with torch.no_grad():
         expect = completion_logps(model, collate(seqs, 0)).seq
-    torch.testing.assert_close(logps_of(model, seqs, 2, 0, "cpu", lambda: torch.autocast("cpu", enabled=False))[0], expect)
+    torch.testing.assert_close(logps_of(model, seqs, Runner(pad_id=0, batch_size=2))[0], expect)
 
 
 def test_a_kernel_the_family_lacks_is_one_line(tmp_path):

@@ -4,7 +4,7 @@ import torch
 from kto_cli import logprobs
 from kto_cli.config import ModelConfig, ModelSource
 from kto_cli.data import collate
-from kto_cli.logprobs import completion_logps, logps_of, packed_batch, packed_logps
+from kto_cli.logprobs import Layout, Runner, completion_logps, logps_of, packed_batch, packed_logps
 from kto_cli.models import tiny_model
 
 
@@ -14,13 +14,12 @@ def full_token_logps(model, batch):
     return logp * batch["completion_mask"][:, 1:]  # (B, T-1), zero outside completions
 
 
-def test_sparse_head_matches_full_logits(tiny_tok, monkeypatch):
+def test_sparse_head_matches_full_logits(tiny_tok):
     model = tiny_model(ModelConfig(source=ModelSource.tiny, name_or_path="tiny"), len(tiny_tok), tiny_tok.pad_token_id)
     seqs = [([1, 2, 3, 4], [5, 6]), ([7, 8], [9, 10, 11, 12, 13]), ([3], [4])]
     batch = collate(seqs, tiny_tok.pad_token_id)
     full = full_token_logps(model, batch)
-    monkeypatch.setattr(logprobs, "HEAD_CHUNK", 3)  # several chunks
-    got = completion_logps(model, batch, per_token=True, hidden=True)
+    got = completion_logps(model, batch, per_token=True, hidden=True, layout=Layout(head_chunk=3))  # several chunks
     torch.testing.assert_close(got.seq, full.sum(1), rtol=1e-5, atol=1e-5)
     assert got.lengths.tolist() == [2, 5, 1]
     # per token: row b holds its completion's tokens from column 0, zero-padded
@@ -29,8 +28,7 @@ def test_sparse_head_matches_full_logits(tiny_tok, monkeypatch):
     torch.testing.assert_close(got.tokens[0, :2], full[0, 3:5], rtol=1e-5, atol=1e-5)
     assert got.hidden.shape == (3, 5, model.config.hidden_size) and got.hidden[0, 2:].abs().sum() == 0
     # batched by length, returned in the order given; padding does not change the values
-    seq, tokens, lengths = logps_of(model, seqs, batch_size=2, pad_id=tiny_tok.pad_token_id, device="cpu",
-                           autocast=lambda: torch.autocast("cpu", enabled=False), per_token=True)
+    seq, tokens, lengths = logps_of(model, seqs, Runner(tiny_tok.pad_token_id, batch_size=2), per_token=True)
     torch.testing.assert_close(seq, full.sum(1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tokens, got.tokens.detach(), rtol=1e-5, atol=1e-5)
     assert lengths.tolist() == [2, 5, 1]
@@ -60,8 +58,7 @@ def test_logps_of_groups_sequences_by_prompt(tiny_tok, monkeypatch):
     model = tiny_model(ModelConfig(source=ModelSource.tiny, name_or_path="tiny"), len(tiny_tok), tiny_tok.pad_token_id)
     monkeypatch.setattr(logprobs, "MAX_SHARED", 2)
     seqs = [([1, 2, 3], [4]), ([5, 6], [7, 8]), ([1, 2, 3], [9, 9, 9]), ([1, 2, 3], [4, 5]), ([5, 6], [1])]
-    off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
-    seq, tokens, lengths = logps_of(model, seqs, batch_size=2, pad_id=tiny_tok.pad_token_id, device="cpu", autocast=off)
+    seq, tokens, lengths = logps_of(model, seqs, Runner(tiny_tok.pad_token_id, batch_size=2))
     one_by_one = torch.stack([completion_logps(model, collate([s], tiny_tok.pad_token_id)).seq[0] for s in seqs])
     torch.testing.assert_close(seq, one_by_one.detach(), rtol=1e-5, atol=1e-5)
     assert tokens is None and lengths.tolist() == [1, 2, 3, 2, 1]
