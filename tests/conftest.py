@@ -12,6 +12,10 @@ from kto_cli.config import register_configs, to_run_config
 register_configs()
 
 
+# What every in-process or launched tiny run starts from: the 2-layer random Llama, no progress bars.
+TINY_RUN = ("model=tiny", "trainer.progress=false")
+
+
 def make_config(*overrides: str):
     """The run config `kto-train OVERRIDES` would get, as dataclasses."""
     with initialize_config_module("kto_cli.conf", version_base=None):

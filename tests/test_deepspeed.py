@@ -15,12 +15,12 @@ import torch
 
 from kto_cli.metrics import read_metrics
 
-from conftest import free_port, make_config
+from conftest import TINY_RUN, free_port, make_config
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.distributed
 
-COMMON = ["model=tiny", "trainer.progress=false", "trainer.lr=1e-3", "trainer.warmup_ratio=0",
+COMMON = [*TINY_RUN, "trainer.lr=1e-3", "trainer.warmup_ratio=0",
           "trainer.schedule=linear", "trainer.batch_size=8", "dataset.max_train_rows=16", "dataset.max_eval_rows=8"]
 
 

@@ -11,11 +11,11 @@ from kto_cli.metrics import read_metrics
 from kto_cli.objectives import choices, objective_class
 from kto_cli.train import Trainer, train
 
-from conftest import make_config, write_jsonl
+from conftest import TINY_RUN, make_config, write_jsonl
 
 pytestmark = pytest.mark.slow
 
-TINY = ["model=tiny", "trainer.progress=false", "trainer.max_steps=3", "trainer.batch_size=4",
+TINY = [*TINY_RUN, "trainer.max_steps=3", "trainer.batch_size=4",
         "trainer.micro_batch_size=2", "dataset.max_train_rows=12", "dataset.max_eval_rows=6"]
 EXTRA = {"ppo": ["loss/policy", "loss/critic", "clipfrac"], "orpo": ["nll"], "slic": ["nll"], "kto": ["kl", "kl/raw"]}
 

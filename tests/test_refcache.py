@@ -13,10 +13,10 @@ from kto_cli import reference
 from kto_cli.refcache import RefCache, sequence_key
 from kto_cli.train import train
 
-from conftest import make_config
+from conftest import TINY_RUN, make_config
 
 # 12 pairs = 24 examples; 6 steps of 4 visit every one of them.
-BASE = ["model=tiny", "trainer.progress=false", "dataset.max_train_rows=12", "dataset.max_eval_rows=4"]
+BASE = [*TINY_RUN, "dataset.max_train_rows=12", "dataset.max_eval_rows=4"]
 FIRST = [*BASE, "trainer.max_steps=6", "trainer.batch_size=4", "trainer.micro_batch_size=4"]
 
 

@@ -13,8 +13,10 @@ import pytest
 
 from kto_cli.metrics import read_metrics
 
+from conftest import TINY_RUN
+
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["model=tiny", "trainer.progress=false", "dataset.max_train_rows=12", "dataset.max_eval_rows=6",
+TINY = [*TINY_RUN, "dataset.max_train_rows=12", "dataset.max_eval_rows=6",
         "trainer.batch_size=4", "trainer.micro_batch_size=4", "trainer.lr=1e-3"]
 
 

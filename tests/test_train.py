@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from kto_cli.metrics import read_metrics
 from kto_cli.train import train
 
-from conftest import make_config
+from conftest import TINY_RUN, make_config
 
-TINY = ["model=tiny", "trainer.progress=false", "trainer.lr=2e-3", "trainer.warmup_ratio=0",
+TINY = [*TINY_RUN, "trainer.lr=2e-3", "trainer.warmup_ratio=0",
         "trainer.schedule=constant", "dataset.max_train_rows=16", "dataset.max_eval_rows=8"]
 
 
