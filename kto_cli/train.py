@@ -377,6 +377,87 @@ class Trainer:
 
 # ---------------------------------------------------------------- the run
 
+    # ---------------------------------------------------------------- the run
+
+    def train(self, started: float) -> dict:
+        """Evaluate, train from the resumed step to the end (stopping cleanly on a scheduler's
+        signal), evaluate again, export; the summary."""
+        start_step = self.resume()
+        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=start_step) if dist.is_main() else None
+        before = self.evaluate_before(start_step)
+        last, first_step_at = {}, time.perf_counter()
+        with tqdm(total=self.steps, initial=start_step, desc=self.cfg.loss.name, unit="step",
+                  disable=not self.show_progress) as bar, Preemption() as preemption:
+            for step in range(start_step, self.steps):
+                last = self.optimizer_step(step)
+                bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "kl", "rewards/margins") if k in last})
+                bar.update(1)
+                self.after_step(step + 1, last, preemption)
+        return self.finish(before, last, time.perf_counter() - first_step_at, started)
+
+    def resume(self) -> int:
+        """The step to start from: 0, or that of the checkpoint trainer.resume names."""
+        spec = self.cfg.trainer.resume
+        if not spec:
+            return 0
+        path = latest_checkpoint(self.run_dir) if spec == "auto" else Path(spec)
+        path = dist.broadcast(path)  # rank 0's view of the run dir decides
+        if path is None:
+            log.info("trainer.resume=auto: no checkpoint in %s, starting from step 0", self.run_dir)
+            return 0
+        step = load_checkpoint(path, self.backend, fingerprint(self.cfg))
+        log.info("resumed from %s at step %d", path, step)
+        return step
+
+    def evaluate_before(self, start_step: int) -> dict:
+        """Held-out metrics of the initial policy; a resumed run reads them from its log."""
+        if start_step > 0:
+            return MetricsLog.first_in(self.run_dir / "metrics.jsonl", "eval")
+        before = self.evaluate(initial=True) if "eval" in self.splits else {}
+        self.log_metrics(0, "eval", before)
+        return before
+
+    def log_metrics(self, step: int, split: str, metrics: dict) -> None:
+        if metrics and self.metrics_log is not None:
+            self.metrics_log.write(step, split, metrics)
+
+    def after_step(self, done: int, metrics: dict, preemption: Preemption) -> None:
+        """Log, evaluate and checkpoint on their intervals; on a scheduler's signal, checkpoint and stop."""
+        t, final = self.cfg.trainer, done == self.steps
+        if done % t.log_every == 0 or final:
+            self.log_metrics(done, "train", metrics)
+        if t.eval_every and done % t.eval_every == 0 and not final and "eval" in self.splits:
+            self.log_metrics(done, "eval", self.evaluate())
+        saved = bool(t.save_every and done % t.save_every == 0 and not final)
+        if saved:
+            save_checkpoint(self.run_dir, done, self.backend, fingerprint(self.cfg))
+        if preemption.requested() and not final:
+            if not saved:
+                save_checkpoint(self.run_dir, done, self.backend, fingerprint(self.cfg))
+            if self.metrics_log is not None:
+                self.metrics_log.close()
+            preemption.hand_over()
+            raise Preempted(done, self.run_dir, preemption.signal)
+
+    def finish(self, before: dict, last: dict, train_time: float, started: float) -> dict:
+        """The final evaluation, checkpoint and final/, and the summary."""
+        after = self.evaluate() if "eval" in self.splits else {}
+        self.log_metrics(self.steps, "eval", after)
+        if self.metrics_log is not None:
+            self.metrics_log.close()
+        save_checkpoint(self.run_dir, self.steps, self.backend, fingerprint(self.cfg))
+        self.objective.export(self.tokenizer)
+        export_final(self.run_dir, self.backend, self.model, self.tokenizer)
+        ref = self.reference_report or {}
+        summary = {"steps": self.steps, "train_seconds": train_time, "wall_seconds": time.perf_counter() - started,
+                   "reference_seconds": ref.get("seconds", 0.0), "reference": ref, "processes": self.world,
+                   "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(), "last_train": last,
+                   "eval_before": before, "eval_after": after}
+        if dist.is_main():
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            print_summary(summary, self.run_dir)
+        return summary
+
 
 def train(cfg: RunConfig, run_dir: Path) -> dict:
     """Runs the whole job in run_dir (rank 0's, under several processes); returns the summary it
@@ -384,69 +465,4 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     started = time.perf_counter()
     tr = Trainer(cfg, run_dir)
     tr.setup()
-    run_dir, main = tr.run_dir, dist.is_main()
-    start_step = resume(tr, run_dir)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step) if main else None
-    has_eval = "eval" in tr.splits
-    if start_step > 0:  # the policy is no longer the initial one: take "before" from the log
-        before = MetricsLog.first_in(run_dir / "metrics.jsonl", "eval")
-    else:
-        before = tr.evaluate(initial=True) if has_eval else {}
-        if before and main:
-            metrics_log.write(0, "eval", before)
-    t = cfg.trainer
-    last = {}
-    first_step_at = time.perf_counter()
-    with tqdm(total=tr.steps, initial=start_step, desc=cfg.loss.name, unit="step", disable=not tr.show_progress) as bar, \
-            Preemption() as preemption:
-        for step in range(start_step, tr.steps):
-            last = tr.optimizer_step(step)
-            if main and ((step + 1) % t.log_every == 0 or step + 1 == tr.steps):
-                metrics_log.write(step + 1, "train", last)
-            bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "kl", "rewards/margins") if k in last})
-            bar.update(1)
-            if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < tr.steps and has_eval:
-                evaluated = tr.evaluate()
-                if main:
-                    metrics_log.write(step + 1, "eval", evaluated)
-            if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < tr.steps:
-                save_checkpoint(run_dir, step + 1, tr.backend, fingerprint(cfg))
-            if preemption.requested() and step + 1 < tr.steps:
-                if not (t.save_every and (step + 1) % t.save_every == 0):
-                    save_checkpoint(run_dir, step + 1, tr.backend, fingerprint(cfg))
-                if main:
-                    metrics_log.close()
-                preemption.hand_over()
-                raise Preempted(step + 1, run_dir, preemption.signal)
-    train_time = time.perf_counter() - first_step_at
-    after = tr.evaluate() if has_eval else {}
-    if main:
-        if after:
-            metrics_log.write(tr.steps, "eval", after)
-        metrics_log.close()
-    save_checkpoint(run_dir, tr.steps, tr.backend, fingerprint(cfg))
-    tr.objective.export(tr.tokenizer)
-    export_final(run_dir, tr.backend, tr.model, tr.tokenizer)
-    ref_report = tr.reference_report or {}
-    summary = {"steps": tr.steps, "train_seconds": train_time, "wall_seconds": time.perf_counter() - started,
-               "reference_seconds": ref_report.get("seconds", 0.0), "reference": ref_report, "processes": tr.world,
-               "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(), "last_train": last, "eval_before": before, "eval_after": after}
-    if main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print_summary(summary, run_dir)
-    return summary
-
-
-def resume(tr: Trainer, run_dir: Path) -> int:
-    spec = tr.cfg.trainer.resume
-    if not spec:
-        return 0
-    path = latest_checkpoint(run_dir) if spec == "auto" else Path(spec)
-    path = dist.broadcast(path)  # rank 0's view of the run dir decides
-    if path is None:
-        log.info("trainer.resume=auto: no checkpoint in %s, starting from step 0", run_dir)
-        return 0
-    step = load_checkpoint(path, tr.backend, fingerprint(tr.cfg))
-    log.info("resumed from %s at step %d", path, step)
-    return step
-
+    return tr.train(started)
