@@ -37,7 +37,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint; run a
 
 @hydra.main(version_base=None, config_path="pkg://kto_cli.conf", config_name="config")
 def _train(cfg: DictConfig) -> None:
-    from .preemption import Preempted  # imported late: torch and transformers load slowly
+    from .preemption import Preempted  # imported late: transformers loads slowly
     from .train import train
 
     try:

@@ -148,6 +148,27 @@ class TrainerConfig:
     threads: Optional[int] = None  # torch CPU threads; null keeps torch's default
 
 
+@dataclass
+class GenerationConfig:
+    """Sampling from the policy on held-out prompts (kto_cli/generate.py)."""
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    n: int = 1  # samples per prompt
+    batch_size: int = 32  # prompts per generate call
+    seed: int = 0  # sampling
+
+
+@dataclass
+class VerifierConfig:
+    """What scores a completion (kto_cli/verifiers.py): exact | number | choice | regex | python."""
+    name: str = "exact"
+    field: str = "answer"  # the row field holding the reference answer (else a pair's chosen completion)
+    options_field: str = "options"  # choice: the row field listing the options
+    pattern: Optional[str] = None  # regex; {answer} stands for the reference
+    target: Optional[str] = None  # python: module:function, called with (prompt, completion, row)
+
+
 class CacheMode(Enum):
     off = "off"
     read = "read"  # use cached values, never write
@@ -194,6 +215,12 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = MISSING
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
+    def __post_init__(self):
+        """Null seeds take the run's, however the config was built (Hydra or code)."""
+        for part in (getattr(self.model, "tiny", None), self.dataset, self.trainer):
+            if getattr(part, "seed", 0) is None:
+                part.seed = self.seed
+
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
@@ -214,9 +241,6 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     except Exception as e:  # MissingMandatoryValue, ValidationError: OmegaConf names the key
         raise UserError(f"invalid config: {e}".splitlines()[0]) from None
     validate(run)
-    for part in (run.model.tiny, run.dataset, run.trainer):
-        if part.seed is None:
-            part.seed = run.seed
     if run.trainer.precision == Precision.auto:
         run.trainer.precision = auto_precision(run.trainer.device)
     return run

@@ -47,12 +47,6 @@ def autocast_for(device: torch.device, precision: Precision):
     return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-# ---------------------------------------------------------------- metrics
-
-
-# ---------------------------------------------------------------- the steps
-
-
 @dataclass
 class MicroStep:
     loss: torch.Tensor  # () to backpropagate
@@ -374,8 +368,6 @@ class Trainer:
                 out[key] = acc
         return out
 
-
-# ---------------------------------------------------------------- the run
 
     # ---------------------------------------------------------------- the run
 

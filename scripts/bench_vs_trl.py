@@ -70,9 +70,9 @@ def run_ours(model_name: str, steps: int, out: Path, overrides: tuple = ()) -> d
     start = time.perf_counter()
     summary = train(cfg, out)
     from kto_cli.metrics import read_metrics
-    steps = read_metrics(out, "train")
-    first = steps[:3]
-    ends = [r["time"] for r in steps]  # wall clock as each step was logged
+    records = read_metrics(out, "train")
+    first = records[:3]
+    ends = [r["time"] for r in records]  # wall clock as each step was logged
     return {"train_s": summary["train_seconds"], "first_step_s": summary["wall_seconds"] - summary["train_seconds"],
             "total_s": time.perf_counter() - start, "tokens": steps * BATCH * mean_tokens(split),
             "steady_s": ends[-1] - ends[0],

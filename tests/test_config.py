@@ -155,3 +155,7 @@ def test_one_seed_sets_the_others_unless_they_are_set():
     run = make_config("model=tiny", "seed=3", "trainer.seed=5")
     assert (run.model.tiny.seed, run.dataset.seed, run.trainer.seed) == (3, 3, 5)
     assert make_config("model=tiny").trainer.seed == 0
+    from kto_cli.config import DatasetConfig, ModelConfig, RunConfig, TrainerConfig
+    built = RunConfig(seed=4, model=ModelConfig(name_or_path="tiny"), dataset=DatasetConfig(train="x"),
+                      trainer=TrainerConfig())  # in code, without Hydra
+    assert (built.model.tiny.seed, built.dataset.seed, built.trainer.seed) == (4, 4, 4)

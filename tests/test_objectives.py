@@ -106,7 +106,9 @@ def test_the_readme_example_is_a_whole_new_loss(tmp_path):
         assert [r["step"] for r in steps] == [1, 2] and steps[0]["loss"] == pytest.approx(1.0)  # h = 0 at step 1
         assert summary["eval_after"]["rewards/accuracies"] is not None
     finally:
+        from hydra.core.config_store import ConfigStore
         REGISTRY.pop(module.HingeLossConfig, None)
+        ConfigStore.instance().repo["loss"].pop("hinge.yaml", None)  # later tests see the shipped losses only
 
 
 def test_readme_loss_table_states_every_schema_default():

@@ -1,0 +1,78 @@
+"""Sampling completions from a model for held-out prompts: batched, left-padded, with the KV cache
+(transformers `generate`), starting from the prompt token ids training conditions on (chat template
+with its generation prompt, truncation, csft's control token) and stopping at EOS or the end of
+the turn.
+
+    texts = generate(model, tokenizer, [split.sequence(i)[0] for i in idx], GenerationConfig())
+"""
+from dataclasses import dataclass
+
+import torch
+
+from .config import GenerationConfig
+
+# End-of-turn markers of common chat templates: generation stops at them as at EOS.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+@dataclass
+class Sample:
+    prompt: int  # index into the prompts given
+    text: str  # the completion, special tokens removed
+    tokens: int  # tokens generated, the stop token included
+
+
+def stop_ids(tokenizer) -> list:
+    """EOS and every end-of-turn marker the tokenizer knows."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
+    return sorted(ids)
+
+
+def left_padded(prompts: list, pad_id: int, device) -> tuple:
+    """(input_ids, attention_mask), both (B, T), prompts aligned on the right."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[b, T - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def until_stop(new: list, stops: set) -> list:
+    """The generated ids up to and including the first stop id."""
+    for k, t in enumerate(new):
+        if t in stops:
+            return new[:k + 1]
+    return new
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list, cfg: GenerationConfig, device=None) -> list:
+    """cfg.n samples for each prompt (lists of token ids), in prompt order: greedy when
+    cfg.temperature is 0, else seeded sampling with temperature and top_p. Prompts of similar length
+    share a batch (less padding)."""
+    device = device or next(model.parameters()).device
+    pad, stops = tokenizer.pad_token_id, stop_ids(tokenizer)
+    jobs = sorted((len(p), i) for i in range(len(prompts)) for p in [prompts[i]] for _ in range(cfg.n))
+    sampling = cfg.temperature > 0
+    options = dict(do_sample=sampling, max_new_tokens=cfg.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
+                   temperature=cfg.temperature if sampling else None, top_p=cfg.top_p if sampling else None,
+                   top_k=None)
+    was_training = model.training
+    model.eval()
+    samples = []
+    cuda = torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []):
+        torch.manual_seed(cfg.seed)
+        for start in range(0, len(jobs), cfg.batch_size):
+            idx = [i for _, i in jobs[start:start + cfg.batch_size]]
+            ids, mask = left_padded([prompts[i] for i in idx], pad, device)
+            out = model.generate(input_ids=ids, attention_mask=mask, **options)[:, ids.shape[1]:]  # (B, new)
+            for i, row in zip(idx, out.tolist()):
+                new = until_stop(row, set(stops))
+                samples.append(Sample(i, tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)))
+    model.train(was_training)
+    return sorted(samples, key=lambda s: s.prompt)  # stable: a prompt's samples keep their order

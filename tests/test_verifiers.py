@@ -1,0 +1,73 @@
+"""Every verifier on hand-made rows; bad configs and rows are one line; a raising verifier scores 0."""
+import pytest
+
+from kto_cli.config import UserError, VerifierConfig
+from kto_cli.verifiers import check_rows, last_number, make_verifier, normalise
+
+ARITH = {"prompt": "What is 10 + 11?", "chosen": "21", "rejected": "20"}
+
+
+def score(name, completion, row, **kw):
+    return make_verifier(VerifierConfig(name=name, **kw)).score("p", completion, row)
+
+
+def test_exact_normalises_and_falls_back_to_chosen():
+    assert score("exact", " Odd. ", {"answer": "odd"}) == (1.0, "")
+    assert score("exact", "21", ARITH)[0] == 1.0  # no 'answer': the pair's chosen side
+    assert score("exact", "The answer is 21", ARITH)[0] == 0.0
+    assert normalise('"Hello,  World!"') == "hello, world"
+
+
+def test_number_takes_the_last_number():
+    assert score("number", "10 + 11 = 21.", ARITH)[0] == 1.0
+    assert score("number", "21, no wait, 20", ARITH)[0] == 0.0
+    assert score("number", "no idea", ARITH)[0] == 0.0
+    assert last_number("1,024 items") == 1024.0 and last_number("-3.5") == -3.5
+
+
+def test_choice_needs_exactly_one_option_named():
+    row = {"options": ["even", "odd"], "answer": "odd"}
+    assert score("choice", "It is odd.", row)[0] == 1.0
+    assert score("choice", "even", row)[0] == 0.0
+    assert score("choice", "odd or even", row)[0] == 0.0
+
+
+def test_regex_with_and_without_the_answer():
+    assert score("regex", "Final: 21", ARITH, pattern=r"Final: {answer}$")[0] == 1.0
+    assert score("regex", "Final: 211", ARITH, pattern=r"Final: {answer}$")[0] == 0.0
+    assert score("regex", "yes", {}, pattern=r"^(yes|no)$")[0] == 1.0
+    with pytest.raises(UserError, match="needs verifier.pattern"):
+        make_verifier(VerifierConfig(name="regex"))
+    with pytest.raises(UserError, match="not a regular expression"):
+        make_verifier(VerifierConfig(name="regex", pattern="("))
+
+
+def always_half(prompt, completion, row):
+    return 0.5
+
+
+def broken(prompt, completion, row):
+    raise KeyError("answer")
+
+
+def out_of_range(prompt, completion, row):
+    return 3
+
+
+def test_python_target_errors_and_bad_values():
+    assert score("python", "x", {}, target=f"{__name__}:always_half") == (0.5, "")
+    value, detail = score("python", "x", {}, target=f"{__name__}:broken")
+    assert value == 0.0 and detail.startswith("error: KeyError")  # the run goes on
+    with pytest.raises(UserError, match="returned 3"):
+        score("python", "x", {}, target=f"{__name__}:out_of_range")
+    with pytest.raises(UserError, match="cannot import"):
+        make_verifier(VerifierConfig(name="python", target="no_such_module:fn"))
+    with pytest.raises(UserError, match="unknown verifier 'vibes'"):
+        make_verifier(VerifierConfig(name="vibes"))
+
+
+def test_rows_without_the_reference_are_named_before_any_model_loads():
+    exact = make_verifier(VerifierConfig(name="exact"))
+    check_rows(exact, [(1, ARITH), (2, {"prompt": "q", "answer": "a"})], "eval.jsonl")
+    with pytest.raises(UserError, match=r"eval.jsonl: row 3: field 'answer' is missing \(verifier exact\)"):
+        check_rows(exact, [(1, ARITH), (3, {"prompt": "q", "completion": "c", "label": True})], "eval.jsonl")
