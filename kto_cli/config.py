@@ -169,6 +169,15 @@ class VerifierConfig:
     target: Optional[str] = None  # python: module:function, called with (prompt, completion, row)
 
 
+@dataclass
+class EvalConfig:
+    """Evaluation by generation on the held-out prompts: before training, every trainer.eval_every
+    steps and at the end; scores from the `verifier` group."""
+    generate: bool = True
+    max_prompts: Optional[int] = None  # the first N distinct held-out prompts; null: all
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
 class CacheMode(Enum):
     off = "off"
     read = "read"  # use cached values, never write
@@ -214,6 +223,8 @@ class RunConfig:
     trainer: TrainerConfig = MISSING
     deepspeed: DeepSpeedConfig = MISSING
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    verifier: VerifierConfig = MISSING
 
     def __post_init__(self):
         """Null seeds take the run's, however the config was built (Hydra or code)."""
@@ -229,6 +240,7 @@ def register_configs() -> None:
     cs.store(group="dataset", name="schema", node=DatasetConfig)
     cs.store(group="trainer", name="schema", node=TrainerConfig)
     cs.store(group="deepspeed", name="schema", node=DeepSpeedConfig)
+    cs.store(group="verifier", name="schema", node=VerifierConfig)
     from .objectives import REGISTRY  # the losses import this module
     for objective in REGISTRY.values():  # loss=NAME; conf/loss/ holds only named presets (cdpo)
         cs.store(group="loss", name=objective.name, node=objective.schema)

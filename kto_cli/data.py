@@ -30,6 +30,7 @@ class Example:
     desirable: bool
     pair_id: Optional[int]  # the paired row it came from; None for unpaired rows
     where: str  # "file: row N", for error messages
+    row: Optional[dict] = None  # the row as read: what a verifier compares a generated answer with
 
 
 @dataclass
@@ -177,7 +178,7 @@ def row_to_examples(row: Any, where: str, pair_id: int) -> list:
         prompt = _check_text(row.get("prompt"), "prompt", where, completion=False)
         chosen = _check_text(row.get("chosen"), "chosen", where, completion=True)
         rejected = _check_text(row.get("rejected"), "rejected", where, completion=True)
-        return [Example(prompt, chosen, True, pair_id, where), Example(prompt, rejected, False, pair_id, where)]
+        return [Example(prompt, chosen, True, pair_id, where, row), Example(prompt, rejected, False, pair_id, where, row)]
     prompt = _check_text(row.get("prompt"), "prompt", where, completion=False)
     completion = _check_text(row.get("completion"), "completion", where, completion=True)
     label = row.get("label")
@@ -185,7 +186,7 @@ def row_to_examples(row: Any, where: str, pair_id: int) -> list:
         raise UserError(f"{where}: field 'label' is missing (or use fields 'chosen' and 'rejected' for pairs)")
     if not isinstance(label, bool):
         raise UserError(f"{where}: field 'label': expected true or false, got {label!r}")
-    return [Example(prompt, completion, label, None, where)]
+    return [Example(prompt, completion, label, None, where, row)]
 
 
 def load_examples(spec: str, split: str, skip_bad_rows: bool, max_rows: Optional[int] = None) -> tuple:

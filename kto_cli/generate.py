@@ -50,17 +50,18 @@ def until_stop(new: list, stops: set) -> list:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list, cfg: GenerationConfig, device=None) -> list:
+def generate(model, tokenizer, prompts: list, cfg: GenerationConfig, device=None, synced: bool = False) -> list:
     """cfg.n samples for each prompt (lists of token ids), in prompt order: greedy when
     cfg.temperature is 0, else seeded sampling with temperature and top_p. Prompts of similar length
-    share a batch (less padding)."""
+    share a batch (less padding). synced: several ranks of a ZeRO-3 model generate together (each
+    forward gathers parameters collectively), so every rank steps until all have finished."""
     device = device or next(model.parameters()).device
     pad, stops = tokenizer.pad_token_id, stop_ids(tokenizer)
     jobs = sorted((len(p), i) for i in range(len(prompts)) for p in [prompts[i]] for _ in range(cfg.n))
     sampling = cfg.temperature > 0
     options = dict(do_sample=sampling, max_new_tokens=cfg.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
                    temperature=cfg.temperature if sampling else None, top_p=cfg.top_p if sampling else None,
-                   top_k=None)
+                   top_k=None, synced_gpus=synced)
     was_training = model.training
     model.eval()
     samples = []

@@ -103,8 +103,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-SUMMARY_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "logps/accuracies", "logps/chosen", "logps/rejected", "kl",
-                "kl/raw")
+SUMMARY_KEYS = ("gen/score", "gen/length", "loss", "rewards/margins", "rewards/accuracies", "logps/accuracies",
+                "logps/chosen", "logps/rejected", "kl", "kl/raw")
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:
@@ -116,5 +116,12 @@ def print_summary(summary: dict, run_dir: Path) -> None:
         for k in SUMMARY_KEYS:
             if k in after:
                 lines.append(f"{k:<22}{before.get(k, float('nan')):>10.4f}{after[k]:>10.4f}")
+        if "gen/score" in after:
+            lines.append(f"gen/score 95% interval  [{before.get('gen/score_low', float('nan')):.2f}, "
+                         f"{before.get('gen/score_high', float('nan')):.2f}] -> "
+                         f"[{after['gen/score_low']:.2f}, {after['gen/score_high']:.2f}]")
+    for (prompt, old, _), (_, new, score) in zip(summary.get("examples_before", []), summary.get("examples_after", [])):
+        question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        lines.append(f"  {question!r}: {old!r} -> {new!r} (score {score:g})")
     lines.append(f"run dir: {run_dir}   model: {run_dir / 'final'}")
     print("\n".join(lines), flush=True)

@@ -22,6 +22,7 @@ from .backend import DeepSpeedBackend, Policy, TorchBackend, accumulation, ds_co
 from .checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ModelSource, Precision, RunConfig, UnpairMode, UserError, config_digest, fingerprint
 from .data import build_splits, collate
+from .evaluate import GenerationEval, examples_at, keep_samples, read_samples
 from .logprobs import (Layout, Logps, Runner, completion_logps, completion_logps_and_values, packed_batch,
                        packed_logps, to_device)
 from .losses import kl_estimate
@@ -83,6 +84,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         self.load_inputs()
+        self.gen_eval = self.generation_eval()
         self.model = self.load_model()
         if len(self.tokenizer) > self.model.get_input_embeddings().weight.shape[0]:  # control tokens
             self.model.resize_token_embeddings(len(self.tokenizer))
@@ -200,6 +202,13 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
         self.splits = self.load_data()
         self.units = {name: objectives.units(split, self.need) for name, split in self.splits.items()}
+
+    def generation_eval(self):
+        """Held-out prompts and the verifier, checked before any model loads (None without them)."""
+        e = self.cfg.eval
+        if not e.generate or "eval" not in self.splits:
+            return None
+        return GenerationEval(self.splits["eval"], self.tokenizer, e.generation, self.cfg.verifier, e.max_prompts)
 
     def load_data(self) -> dict:
         cfg = self.cfg
@@ -341,9 +350,10 @@ class Trainer:
         return {**out, "grad_norm": grad_norm, "lr": lr, "tokens/s": tokens / elapsed}
 
     @torch.no_grad()
-    def evaluate(self, initial: bool = False) -> dict:
-        """The loss and its metrics on the held-out split, and how often the chosen completion beats
-        the rejected one, by implicit reward (losses with a reference) and by log-prob. Before
+    def evaluate(self, step: int, initial: bool = False) -> dict:
+        """The loss and its metrics on the held-out split, how often the chosen completion beats
+        the rejected one, by implicit reward (losses with a reference) and by log-prob, and what the
+        model answers to the held-out prompts, scored by the verifier (samples.jsonl). Before
         training the policy is the reference, so where the pre-pass has its log-probs no forward
         pass is needed."""
         split, units, bs = self.splits["eval"], self.units["eval"], self.cfg.trainer.eval_batch_size
@@ -366,7 +376,16 @@ class Trainer:
             acc = pair_accuracy(split, score)
             if acc is not None:
                 out[key] = acc
-        return out
+        return out | self.evaluate_generation(step)
+
+    def evaluate_generation(self, step: int) -> dict:
+        """eval/gen/*: every rank generates the same answers (under ZeRO-3 in step, each forward
+        gathering the shards); rank 0 writes them."""
+        if self.gen_eval is None:
+            return {}
+        synced = self.world > 1 and self.cfg.deepspeed.stage == 3
+        with self.autocast():
+            return self.gen_eval(self.model, step, self.run_dir / "samples.jsonl", synced=synced)
 
 
     # ---------------------------------------------------------------- the run
@@ -376,6 +395,8 @@ class Trainer:
         signal), evaluate again, export; the summary."""
         start_step = self.resume()
         self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=start_step) if dist.is_main() else None
+        if dist.is_main():  # samples past the checkpoint are about to be made again
+            keep_samples(self.run_dir / "samples.jsonl", start_step)
         before = self.evaluate_before(start_step)
         last, first_step_at = {}, time.perf_counter()
         with tqdm(total=self.steps, initial=start_step, desc=self.cfg.loss.name, unit="step",
@@ -405,7 +426,7 @@ class Trainer:
         """Held-out metrics of the initial policy; a resumed run reads them from its log."""
         if start_step > 0:
             return MetricsLog.first_in(self.run_dir / "metrics.jsonl", "eval")
-        before = self.evaluate(initial=True) if "eval" in self.splits else {}
+        before = self.evaluate(0, initial=True) if "eval" in self.splits else {}
         self.log_metrics(0, "eval", before)
         return before
 
@@ -419,7 +440,7 @@ class Trainer:
         if done % t.log_every == 0 or final:
             self.log_metrics(done, "train", metrics)
         if t.eval_every and done % t.eval_every == 0 and not final and "eval" in self.splits:
-            self.log_metrics(done, "eval", self.evaluate())
+            self.log_metrics(done, "eval", self.evaluate(done))
         saved = bool(t.save_every and done % t.save_every == 0 and not final)
         if saved:
             save_checkpoint(self.run_dir, done, self.backend, fingerprint(self.cfg))
@@ -433,7 +454,7 @@ class Trainer:
 
     def finish(self, before: dict, last: dict, train_time: float, started: float) -> dict:
         """The final evaluation, checkpoint and final/, and the summary."""
-        after = self.evaluate() if "eval" in self.splits else {}
+        after = self.evaluate(self.steps) if "eval" in self.splits else {}
         self.log_metrics(self.steps, "eval", after)
         if self.metrics_log is not None:
             self.metrics_log.close()
@@ -441,10 +462,12 @@ class Trainer:
         self.objective.export(self.tokenizer)
         export_final(self.run_dir, self.backend, self.model, self.tokenizer)
         ref = self.reference_report or {}
+        samples = read_samples(self.run_dir / "samples.jsonl") if dist.is_main() else []
         summary = {"steps": self.steps, "train_seconds": train_time, "wall_seconds": time.perf_counter() - started,
                    "reference_seconds": ref.get("seconds", 0.0), "reference": ref, "processes": self.world,
                    "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(), "last_train": last,
-                   "eval_before": before, "eval_after": after}
+                   "eval_before": before, "eval_after": after,
+                   "examples_before": examples_at(samples, 0), "examples_after": examples_at(samples, self.steps)}
         if dist.is_main():
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             print_summary(summary, self.run_dir)

@@ -121,11 +121,11 @@ def make_verifier(cfg: VerifierConfig) -> Verifier:
     raise UserError(f"unknown verifier '{cfg.name}' (known: exact, number, choice, regex, python)")
 
 
-def check_rows(verifier: Verifier, rows: list, where: str) -> None:
+def check_rows(verifier: Verifier, rows: list) -> None:
     """One line naming the first row that lacks what the verifier needs, before any model loads.
-    rows: (row number, row dict)."""
+    rows: (where, row dict), where is "file: row N"."""
     if not verifier.needs:
         return
-    for n, row in rows:
+    for where, row in rows:
         if not any(isinstance(row, dict) and row.get(f) is not None for f in verifier.needs):
-            raise UserError(f"{where}: row {n}: field '{verifier.needs[0]}' is missing (verifier {verifier.name})")
+            raise UserError(f"{where}: field '{verifier.needs[0]}' is missing (verifier {verifier.name})")

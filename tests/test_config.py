@@ -11,7 +11,7 @@ from kto_cli.objectives.kto import KTOLossConfig
 from conftest import make_config
 
 CONF = resources.files("kto_cli.conf")
-GROUPS = ["model", "dataset", "loss", "trainer", "deepspeed"]
+GROUPS = ["model", "dataset", "loss", "trainer", "deepspeed", "verifier"]
 
 
 def shipped(group: str) -> list:
@@ -108,7 +108,8 @@ def test_deepspeed_launcher_argument_does_not_reach_hydra(monkeypatch):
     assert strip_launcher_args(["kto-train", "--local_rank", "3", "a=b"]) == ["kto-train", "a=b"]
 
 
-SCHEMAS = {"model": "ModelConfig", "dataset": "DatasetConfig", "trainer": "TrainerConfig", "deepspeed": "DeepSpeedConfig"}
+SCHEMAS = {"model": "ModelConfig", "dataset": "DatasetConfig", "trainer": "TrainerConfig", "deepspeed": "DeepSpeedConfig",
+           "verifier": "VerifierConfig"}
 
 
 def schema_default(group: str, data: dict):

@@ -67,10 +67,11 @@ def test_two_ranks_match_one_process(tmp_path, single, stage):
         assert got[step][0] == pytest.approx(loss, abs=2e-5), (stage, step)
         assert got[step][1] == pytest.approx(kl, abs=2e-5), (stage, step)
     evaluated = final_eval(tmp_path)  # every rank evaluates the whole held-out split after step 4
-    for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/accuracies"):
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/accuracies", "gen/score", "gen/length"):
         assert evaluated[key] == pytest.approx(single[1][key], abs=2e-5), key
     assert not list(tmp_path.glob("kto-train-rank*")) and (tmp_path / "final" / "config.json").is_file()
     assert len(read_metrics(tmp_path)) == 4 + 2  # rank 0 alone wrote it
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2 * 8  # rank 0 alone, before and after
 
 
 @pytest.mark.parametrize("loss", ["sft", "ppo"])

@@ -94,3 +94,37 @@ def test_start_up_check_passes_and_stops_a_wrong_layout(tmp_path, caplog, monkey
 def test_group_by_length_run(tmp_path):
     summary = train(make_config(*TINY, "trainer.max_steps=4", "trainer.group_by_length=true"), tmp_path)
     assert summary["steps"] == 4 and (tmp_path / "final" / "config.json").is_file()
+
+
+def flaky_verifier(prompt, completion, row):
+    """Raises on every other question, scores 1 on the rest."""
+    if "odd" in str(prompt):
+        raise ValueError("cannot judge parity")
+    return True
+
+
+@pytest.mark.slow
+def test_generation_eval_writes_samples_and_survives_a_raising_verifier(tmp_path):
+    """Before and after training the model answers every held-out prompt; samples.jsonl holds each
+    answer with its score, and a verifier raising on some answers scores them 0 without ending the run."""
+    from kto_cli.evaluate import read_samples
+    summary = train(make_config(*TINY, "trainer.max_steps=2", "eval.generation.max_new_tokens=4", "verifier=python",
+                                f"verifier.target={__name__}:flaky_verifier"), tmp_path)
+    samples = read_samples(tmp_path / "samples.jsonl")
+    assert sorted({s["step"] for s in samples}) == [0, 2] and len(samples) == 2 * 8  # 8 held-out prompts
+    raised = [s for s in samples if s["detail"].startswith("error: ValueError")]
+    assert raised and all(s["score"] == 0 for s in raised) and all(s["score"] == 1 for s in samples if s not in raised)
+    after = summary["eval_after"]
+    assert after["gen/errors"] == len(raised) / 2 and after["gen/score"] == pytest.approx(1 - len(raised) / 16)
+    assert after["gen/score_low"] <= after["gen/score"] <= after["gen/score_high"]
+    assert all(1 <= s["tokens"] <= 4 for s in samples) and len(summary["examples_after"]) == 3
+    assert read_metrics(tmp_path, "eval")[0]["gen/score"] == summary["eval_before"]["gen/score"]
+
+
+def test_a_row_without_what_the_verifier_needs_stops_before_the_model_loads(tmp_path, monkeypatch):
+    """verifier=choice needs each held-out row's options: one line naming file, row and field."""
+    from kto_cli import train as train_mod
+    from kto_cli.config import UserError
+    monkeypatch.setattr(train_mod.Trainer, "load_model", lambda self: pytest.fail("the model loaded"))
+    with pytest.raises(UserError, match=r"arith_eval.jsonl: row 1: field 'options' is missing \(verifier choice\)"):
+        train(make_config(*TINY, "verifier=choice"), tmp_path)

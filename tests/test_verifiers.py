@@ -68,6 +68,6 @@ def test_python_target_errors_and_bad_values():
 
 def test_rows_without_the_reference_are_named_before_any_model_loads():
     exact = make_verifier(VerifierConfig(name="exact"))
-    check_rows(exact, [(1, ARITH), (2, {"prompt": "q", "answer": "a"})], "eval.jsonl")
+    check_rows(exact, [("eval.jsonl: row 1", ARITH), ("eval.jsonl: row 2", {"prompt": "q", "answer": "a"})])
     with pytest.raises(UserError, match=r"eval.jsonl: row 3: field 'answer' is missing \(verifier exact\)"):
-        check_rows(exact, [(1, ARITH), (3, {"prompt": "q", "completion": "c", "label": True})], "eval.jsonl")
+        check_rows(exact, [("eval.jsonl: row 1", ARITH), ("eval.jsonl: row 3", {"prompt": "q", "label": True})])

@@ -1,0 +1,92 @@
+"""Evaluation by generation: the model answers the held-out prompts, a verifier scores each answer,
+and the run logs the score with a 95% interval and keeps every sample in samples.jsonl.
+
+What a model *says* is the measure: held-out implicit-reward accuracy can rise while the answers
+stay the same.
+"""
+import json
+import math
+from pathlib import Path
+
+from . import distributed as dist
+from .config import GenerationConfig, VerifierConfig
+from .data import Split, prompt_key
+from .generate import generate
+from .verifiers import check_rows, make_verifier
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple:
+    """The Wilson score interval of a proportion (successes may be fractional: mean scores)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+class GenerationEval:
+    """The held-out prompts (one per distinct prompt, in split order), their rows and the verifier;
+    checked when built, before any model loads."""
+
+    def __init__(self, split: Split, tokenizer, generation: GenerationConfig, verifier: VerifierConfig,
+                 max_prompts=None):
+        self.tokenizer, self.cfg = tokenizer, generation
+        self.verifier = make_verifier(verifier)
+        seen, self.examples = set(), []
+        for i, e in enumerate(split.examples):
+            if prompt_key(e.prompt) not in seen:
+                seen.add(prompt_key(e.prompt))
+                self.examples.append(i)
+        self.examples = self.examples[:max_prompts]
+        self.split = split
+        check_rows(self.verifier, [(split.examples[i].where, split.examples[i].row or {}) for i in self.examples])
+
+    def __call__(self, model, step: int, samples_path=None, synced: bool = False) -> dict:
+        """Generates, scores, appends to samples_path (rank 0) and returns the eval/gen/* metrics."""
+        prompts = [self.split.sequence(i)[0] for i in self.examples]
+        samples = generate(model, self.tokenizer, prompts, self.cfg, synced=synced)
+        records, errors = [], 0
+        for s in samples:
+            e = self.split.examples[self.examples[s.prompt]]
+            score, detail = self.verifier.score(e.prompt, s.text, e.row or {})
+            errors += detail.startswith("error")
+            records.append({"step": step, "prompt": e.prompt, "completion": s.text, "score": score,
+                            "detail": detail, "tokens": s.tokens})
+        if samples_path is not None and dist.is_main():
+            with open(samples_path, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+        return summarise(records, len(self.examples), self.cfg.n) | {"gen/errors": errors}
+
+
+def summarise(records: list, prompts: int, n: int) -> dict:
+    """Mean score with its Wilson interval, mean length, and pass@n (a prompt passes when any of its
+    n samples scores at least 0.5)."""
+    total = sum(r["score"] for r in records)
+    low, high = wilson(total, len(records))
+    out = {"gen/score": total / max(1, len(records)), "gen/score_low": low, "gen/score_high": high,
+           "gen/length": sum(r["tokens"] for r in records) / max(1, len(records))}
+    if n > 1:
+        out[f"gen/pass@{n}"] = sum(any(r["score"] >= 0.5 for r in records[k * n:(k + 1) * n])
+                                   for k in range(prompts)) / max(1, prompts)
+    return out
+
+
+def read_samples(path: Path) -> list:
+    """samples.jsonl back as records, in order."""
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def keep_samples(path: Path, up_to_step: int) -> None:
+    """A resumed run keeps the samples up to its checkpoint's step (a fresh one: none)."""
+    if Path(path).is_file():
+        kept = [r for r in read_samples(path) if up_to_step > 0 and r["step"] <= up_to_step]
+        Path(path).write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+
+def examples_at(records: list, step: int, k: int = 3) -> list:
+    """The first k (prompt, completion, score) of a step's samples."""
+    return [(r["prompt"], r["completion"], r["score"]) for r in records if r["step"] == step][:k]
+
