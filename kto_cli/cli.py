@@ -65,6 +65,17 @@ def _precompute(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+@hydra.main(version_base=None, config_path="pkg://kto_cli.conf", config_name="config")
+def _evaluate(cfg: DictConfig) -> None:
+    from .evaluate import evaluate_saved
+
+    try:
+        evaluate_saved(to_run_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+    except UserError as e:
+        print(f"kto-eval: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def launcher_argv(argv: list) -> list:
     """The command line Hydra sees: without the deepspeed launcher's --local_rank=N, and, on ranks
     other than 0, without a run dir or log file of their own (rank 0's run dir is used; without
@@ -83,6 +94,13 @@ def train_main() -> None:
     register_configs()
     tune_allocator()
     _train()
+
+
+def eval_main() -> None:
+    """kto-eval eval.model=RUN/final <the run's overrides>: what a saved model answers to the
+    held-out prompts, scored by the verifier."""
+    register_configs()
+    _evaluate()
 
 
 def precompute_main() -> None:

@@ -175,6 +175,8 @@ class EvalConfig:
     steps and at the end; scores from the `verifier` group."""
     generate: bool = True
     max_prompts: Optional[int] = None  # the first N distinct held-out prompts; null: all
+    # kto-eval: the model to evaluate (a run's final/ folder or a hub name); null: the `model` group's
+    model: Optional[str] = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 

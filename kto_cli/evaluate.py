@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from . import distributed as dist
-from .config import GenerationConfig, VerifierConfig
+from .config import GenerationConfig, UserError, VerifierConfig
 from .data import Split, prompt_key
 from .generate import generate
 from .verifiers import check_rows, make_verifier
@@ -70,6 +70,36 @@ def summarise(records: list, prompts: int, n: int) -> dict:
         out[f"gen/pass@{n}"] = sum(any(r["score"] >= 0.5 for r in records[k * n:(k + 1) * n])
                                    for k in range(prompts)) / max(1, prompts)
     return out
+
+
+def evaluate_saved(cfg, run_dir: Path) -> dict:
+    """kto-eval: the generation evaluation of a saved model (eval.model, else the `model` group) on
+    the held-out prompts the same overrides would train with; writes samples.jsonl and eval.json."""
+    from dataclasses import replace
+
+    import torch
+
+    from .config import ModelConfig, ModelSource
+    from .models import load_model
+    from .train import Trainer
+    if cfg.eval.model:
+        cfg = replace(cfg, model=ModelConfig(source=ModelSource.hf, name_or_path=cfg.eval.model,
+                                             attn_implementation=cfg.model.attn_implementation))
+    tr = Trainer(replace(cfg, eval=replace(cfg.eval, generate=True)), run_dir)
+    tr.load_inputs()
+    gen = tr.generation_eval()
+    if gen is None:
+        raise UserError("kto-eval needs held-out prompts: set dataset.eval or dataset.eval_fraction")
+    model = load_model(cfg.model, tr.tokenizer).to(tr.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    keep_samples(run_dir / "samples.jsonl", 0)
+    with torch.no_grad(), tr.autocast():
+        metrics = gen(model, 0, run_dir / "samples.jsonl")
+    (run_dir / "eval.json").write_text(json.dumps({"model": cfg.model.name_or_path, **metrics}, indent=2))
+    print(f"kto-eval: {cfg.model.name_or_path}: gen/score {metrics['gen/score']:.4f} (95% interval "
+          f"[{metrics['gen/score_low']:.2f}, {metrics['gen/score_high']:.2f}]) over {len(gen.examples)} prompts, "
+          f"{metrics['gen/length']:.1f} tokens per answer; samples in {run_dir / 'samples.jsonl'}", flush=True)
+    return metrics
 
 
 def read_samples(path: Path) -> list:
