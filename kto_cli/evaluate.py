@@ -11,6 +11,9 @@ from pathlib import Path
 from . import distributed as dist
 from .config import GenerationConfig, UserError, VerifierConfig
 from .data import Split, prompt_key
+from .files import read_jsonl
+
+read_samples = read_jsonl  # samples.jsonl back as records, in order
 from .generate import generate
 from .verifiers import check_rows, make_verifier
 
@@ -102,17 +105,10 @@ def evaluate_saved(cfg, run_dir: Path) -> dict:
     return metrics
 
 
-def read_samples(path: Path) -> list:
-    """samples.jsonl back as records, in order."""
-    if not Path(path).is_file():
-        return []
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def keep_samples(path: Path, up_to_step: int) -> None:
     """A resumed run keeps the samples up to its checkpoint's step (a fresh one: none)."""
     if Path(path).is_file():
-        kept = [r for r in read_samples(path) if up_to_step > 0 and r["step"] <= up_to_step]
+        kept = [r for r in read_jsonl(path) if up_to_step > 0 and r["step"] <= up_to_step]
         Path(path).write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
 

@@ -1,4 +1,5 @@
 """Files later trusted are written whole or not at all."""
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -12,3 +13,17 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     write(tmp)
     os.replace(tmp, path)
     return path
+
+
+def read_jsonl(path: Path) -> list:
+    """The records of a JSON-lines log, in order; [] when there is no file yet. A last line still
+    being written (a run logging right now) is left out."""
+    records = []
+    if not Path(path).is_file():
+        return records
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records

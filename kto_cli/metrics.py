@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from . import distributed as dist
+from .files import read_jsonl
 from .losses import pair_wins
 
 
@@ -49,15 +50,7 @@ def read_metrics(where: Path, split: Optional[str] = None) -> list:
     """The records of a run's metrics.jsonl (where: the run dir or the file), in order. With split
     ("train" or "eval"), only that split's records, their keys without the "split/" prefix, plus
     "step" and "time". [] when there is no file yet; a last line still being written is left out."""
-    path = Path(where) / "metrics.jsonl" if Path(where).is_dir() else Path(where)
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written right now
-            break
+    records = read_jsonl(Path(where) / "metrics.jsonl" if Path(where).is_dir() else Path(where))
     if split is None:
         return records
     prefix = f"{split}/"
