@@ -121,6 +121,9 @@ class TrainerConfig:
     micro_batch_size: int = 8  # examples per forward; batch_size / micro_batch_size = accumulation
     max_steps: Optional[int] = None  # when null, `epochs` passes over the training examples
     epochs: float = 1.0
+    # An SFT phase first: this many steps of loss=sft on the desirable completions (in RUN/sft/); the
+    # loss then trains from that model, which is also its reference. 0: none.
+    sft_steps: int = 0
     lr: float = 5e-6
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -161,12 +164,17 @@ class GenerationConfig:
 
 @dataclass
 class VerifierConfig:
-    """What scores a completion (kto_cli/verifiers.py): exact | number | choice | regex | python."""
+    """What scores a completion (kto_cli/verifiers.py): exact | number | choice | regex | python |
+    reward_model."""
     name: str = "exact"
     field: str = "answer"  # the row field holding the reference answer (else a pair's chosen completion)
     options_field: str = "options"  # choice: the row field listing the options
     pattern: Optional[str] = None  # regex; {answer} stands for the reference
     target: Optional[str] = None  # python: module:function, called with (prompt, completion, row)
+    # reward_model: a sequence-classification model (folder or hub name); its score is the
+    # probability it gives the completion (sigmoid of one logit, or softmax of the last of several)
+    model: Optional[str] = None
+    threshold: float = 0.5  # where a yes/no is needed (pass@k), a score at or above it passes
 
 
 @dataclass
@@ -280,6 +288,10 @@ def validate(run: RunConfig) -> None:
     _check(0 <= t.warmup_ratio < 1, f"trainer.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     _check(t.max_steps is None or t.max_steps > 0, "trainer.max_steps must be positive or null")
     _check(t.epochs > 0, f"trainer.epochs must be positive, got {t.epochs}")
+    _check(t.sft_steps >= 0, f"trainer.sft_steps must be 0 or positive, got {t.sft_steps}")
+    _check(not t.sft_steps or run.loss.name not in ("sft", "csft"),
+           f"trainer.sft_steps is an SFT phase before another loss; loss={run.loss.name} is SFT itself: "
+           "set trainer.max_steps instead")
     _check(t.shuffle or not t.group_by_length, "trainer.group_by_length=true reorders the data: it needs trainer.shuffle=true")
     for name in ("desirable_fraction", "undesirable_fraction"):
         v = getattr(d, name)

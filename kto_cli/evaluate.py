@@ -12,10 +12,10 @@ from . import distributed as dist
 from .config import GenerationConfig, UserError, VerifierConfig
 from .data import Split, prompt_key
 from .files import read_jsonl
-
-read_samples = read_jsonl  # samples.jsonl back as records, in order
 from .generate import generate
 from .verifiers import check_rows, make_verifier
+
+read_samples = read_jsonl  # samples.jsonl back as records, in order
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple:
@@ -59,18 +59,18 @@ class GenerationEval:
         if samples_path is not None and dist.is_main():
             with open(samples_path, "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
-        return summarise(records, len(self.examples), self.cfg.n) | {"gen/errors": errors}
+        return summarise(records, len(self.examples), self.cfg.n, self.verifier.threshold) | {"gen/errors": errors}
 
 
-def summarise(records: list, prompts: int, n: int) -> dict:
+def summarise(records: list, prompts: int, n: int, threshold: float = 0.5) -> dict:
     """Mean score with its Wilson interval, mean length, and pass@n (a prompt passes when any of its
-    n samples scores at least 0.5)."""
+    n samples scores at least the verifier's threshold)."""
     total = sum(r["score"] for r in records)
     low, high = wilson(total, len(records))
     out = {"gen/score": total / max(1, len(records)), "gen/score_low": low, "gen/score_high": high,
            "gen/length": sum(r["tokens"] for r in records) / max(1, len(records))}
     if n > 1:
-        out[f"gen/pass@{n}"] = sum(any(r["score"] >= 0.5 for r in records[k * n:(k + 1) * n])
+        out[f"gen/pass@{n}"] = sum(any(r["score"] >= threshold for r in records[k * n:(k + 1) * n])
                                    for k in range(prompts)) / max(1, prompts)
     return out
 

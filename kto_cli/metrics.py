@@ -100,21 +100,36 @@ SUMMARY_KEYS = ("gen/score", "gen/length", "loss", "rewards/margins", "rewards/a
                 "logps/chosen", "logps/rejected", "kl", "kl/raw")
 
 
+def summary_columns(summary: dict) -> list:
+    """(heading, held-out metrics, example answers) at each point of the job: before training and
+    after it, and with an SFT phase first, the base model (its metrics that no loss defines)."""
+    columns = [("before", summary["eval_before"], summary.get("examples_before", [])),
+               ("after", summary["eval_after"], summary.get("examples_after", []))]
+    sft = summary.get("sft_phase")
+    if sft:
+        base = {k: v for k, v in sft["eval_before"].items() if k.startswith(("gen/", "logps/"))}
+        columns = [("base", base, sft["examples_before"]), ("after sft", *columns[0][1:]), columns[1]]
+    return columns
+
+
 def print_summary(summary: dict, run_dir: Path) -> None:
-    before, after = summary["eval_before"], summary["eval_after"]
-    lines = [f"\nkto-train: {summary['steps']} steps in {summary['train_seconds']:.0f} s "
+    columns = summary_columns(summary)
+    sft = summary.get("sft_phase")
+    phase = f"{sft['steps']} sft steps in {sft['train_seconds']:.0f} s, then " if sft else ""
+    lines = [f"\nkto-train: {phase}{summary['steps']} steps in {summary['train_seconds']:.0f} s "
              f"(wall {summary['wall_seconds']:.0f} s, peak RSS {summary['peak_rss_mb']:.0f} MB)"]
+    after = summary["eval_after"]
     if after:
-        lines.append(f"{'held-out metric':<22}{'before':>10}{'after':>10}")
+        lines.append(f"{'held-out metric':<22}" + "".join(f"{name:>11}" for name, _, _ in columns))
         for k in SUMMARY_KEYS:
             if k in after:
-                lines.append(f"{k:<22}{before.get(k, float('nan')):>10.4f}{after[k]:>10.4f}")
+                lines.append(f"{k:<22}" + "".join(f"{m[k]:>11.4f}" if k in m else f"{'':>11}" for _, m, _ in columns))
         if "gen/score" in after:
-            lines.append(f"gen/score 95% interval  [{before.get('gen/score_low', float('nan')):.2f}, "
-                         f"{before.get('gen/score_high', float('nan')):.2f}] -> "
-                         f"[{after['gen/score_low']:.2f}, {after['gen/score_high']:.2f}]")
-    for (prompt, old, _), (_, new, score) in zip(summary.get("examples_before", []), summary.get("examples_after", [])):
-        question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-        lines.append(f"  {question!r}: {old!r} -> {new!r} (score {score:g})")
+            lines.append("gen/score 95% interval  " + " -> ".join(
+                f"[{m.get('gen/score_low', float('nan')):.2f}, {m.get('gen/score_high', float('nan')):.2f}]"
+                for _, m, _ in columns))
+    for answers in zip(*(examples for _, _, examples in columns)):
+        question = answers[0][0] if isinstance(answers[0][0], str) else answers[0][0][-1]["content"]
+        lines.append(f"  {question!r}: " + " -> ".join(repr(a[1]) for a in answers) + f" (score {answers[-1][2]:g})")
     lines.append(f"run dir: {run_dir}   model: {run_dir / 'final'}")
     print("\n".join(lines), flush=True)

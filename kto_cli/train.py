@@ -5,11 +5,13 @@
 """
 import contextlib
 import functools
+import gc
 import json
 import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -23,6 +25,7 @@ from .checkpoint import export_final, latest_checkpoint, load_checkpoint, save_c
 from .config import ModelSource, Precision, RunConfig, UnpairMode, UserError, config_digest, fingerprint
 from .data import build_splits, collate
 from .evaluate import GenerationEval, examples_at, keep_samples, read_samples
+from .files import atomic_write
 from .logprobs import (Layout, Logps, Runner, completion_logps, completion_logps_and_values, packed_batch,
                        packed_logps, to_device)
 from .losses import kl_estimate
@@ -390,9 +393,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- the run
 
-    def train(self, started: float) -> dict:
+    def train(self, started: float, sft_phase: Optional[dict] = None) -> dict:
         """Evaluate, train from the resumed step to the end (stopping cleanly on a scheduler's
-        signal), evaluate again, export; the summary."""
+        signal), evaluate again, export; the summary (with that of the job's SFT phase, if any)."""
         start_step = self.resume()
         self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=start_step) if dist.is_main() else None
         if dist.is_main():  # samples past the checkpoint are about to be made again
@@ -406,7 +409,7 @@ class Trainer:
                 bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "kl", "rewards/margins") if k in last})
                 bar.update(1)
                 self.after_step(step + 1, last, preemption)
-        return self.finish(before, last, time.perf_counter() - first_step_at, started)
+        return self.finish(before, last, time.perf_counter() - first_step_at, started, sft_phase)
 
     def resume(self) -> int:
         """The step to start from: 0, or that of the checkpoint trainer.resume names."""
@@ -452,7 +455,8 @@ class Trainer:
             preemption.hand_over()
             raise Preempted(done, self.run_dir, preemption.signal)
 
-    def finish(self, before: dict, last: dict, train_time: float, started: float) -> dict:
+    def finish(self, before: dict, last: dict, train_time: float, started: float,
+               sft_phase: Optional[dict] = None) -> dict:
         """The final evaluation, checkpoint and final/, and the summary."""
         after = self.evaluate(self.steps) if "eval" in self.splits else {}
         self.log_metrics(self.steps, "eval", after)
@@ -468,16 +472,50 @@ class Trainer:
                    "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(), "last_train": last,
                    "eval_before": before, "eval_after": after,
                    "examples_before": examples_at(samples, 0), "examples_after": examples_at(samples, self.steps)}
+        if sft_phase:
+            summary["sft_phase"] = sft_phase
+            summary["train_seconds_total"] = train_time + sft_phase["train_seconds"]
         if dist.is_main():
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            print_summary(summary, self.run_dir)
+            atomic_write(self.run_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
         return summary
+
+    def cleanup(self) -> None:
+        """Drops the model, optimizer and reference values (between phases of one job)."""
+        self.model = self.backend = self.ref = self.value_head = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def sft_phase(cfg: RunConfig) -> RunConfig:
+    """The run's SFT phase (trainer.sft_steps): loss=sft for that many steps, resumed with the run."""
+    t = cfg.trainer
+    return replace(cfg, loss=objectives.sft.SFTLossConfig(),
+                   trainer=replace(t, max_steps=t.sft_steps, sft_steps=0, resume="auto" if t.resume else None))
+
+
+def from_model(cfg: RunConfig, folder: Path) -> RunConfig:
+    """The run's loss phase: the same config, training (and taking its reference) from `folder`."""
+    model = replace(cfg.model, source=ModelSource.hf, name_or_path=str(folder), gguf_file=None, revision=None)
+    return replace(cfg, model=model, trainer=replace(cfg.trainer, sft_steps=0))
 
 
 def train(cfg: RunConfig, run_dir: Path) -> dict:
-    """Runs the whole job in run_dir (rank 0's, under several processes); returns the summary it
-    also writes to summary.json. Only rank 0 writes logs, the summary and final/."""
-    started = time.perf_counter()
+    """Runs the whole job in run_dir (rank 0's, under several processes): its SFT phase in
+    run_dir/sft when trainer.sft_steps asks for one, then the loss. Returns the summary it also
+    writes to summary.json. Only rank 0 writes logs, the summary and final/."""
+    started, first = time.perf_counter(), None
+    if cfg.trainer.sft_steps:
+        phase = Trainer(sft_phase(cfg), run_dir / "sft")
+        phase.setup()
+        first = phase.train(started)
+        first = {k: first[k] for k in ("steps", "train_seconds", "eval_before", "eval_after",
+                                        "examples_before", "examples_after")} | {"run_dir": str(phase.run_dir)}
+        cfg = from_model(cfg, phase.run_dir / "final")
+        phase.cleanup()
     tr = Trainer(cfg, run_dir)
     tr.setup()
-    return tr.train(started)
+    summary = tr.train(started, first)
+    if dist.is_main():
+        print_summary(summary, tr.run_dir)
+    return summary

@@ -9,7 +9,7 @@ that returns something other than a bool or a number in [0, 1] is a mistake name
 import importlib
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from .config import UserError, VerifierConfig
@@ -43,6 +43,7 @@ class Verifier:
     name: str
     fn: Callable  # (prompt, completion, row) -> bool | float
     needs: tuple = ()  # row fields one of which must be present (the reference)
+    threshold: float = 0.5  # a score at or above it passes (pass@k, labels)
 
     def score(self, prompt, completion: str, row: dict) -> tuple:
         """(score in [0, 1], detail): a raising verifier scores 0 and the detail says why."""
@@ -97,8 +98,56 @@ def imported(target: str) -> Callable:
     return fn
 
 
+class RewardModel:
+    """A sequence-classification model's probability that a completion is good: sigmoid of its one
+    logit, or softmax over its labels, the last label read as "good". Its config is read when
+    built (a mistake is one line at start); the weights load at the first completion."""
+
+    def __init__(self, name: str):
+        from transformers import AutoConfig
+        try:
+            config = AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise UserError(f"verifier.model={name}: cannot read its config ({str(e).splitlines()[0]})") from None
+        if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+            raise UserError(f"verifier.model={name}: not a sequence-classification model "
+                            f"(architectures: {config.architectures})")
+        self.name, self.model, self.tokenizer = name, None, None
+
+    def load(self) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        self.tokenizer = AutoTokenizer.from_pretrained(self.name)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForSequenceClassification.from_pretrained(self.name).to(device).eval()
+
+    def text(self, prompt, completion: str) -> str:
+        """The conversation as the reward model reads it: its chat template where it has one."""
+        if isinstance(prompt, list) and getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": completion}],
+                                                      tokenize=False)
+        if isinstance(prompt, list):
+            prompt = "\n".join(m.get("content", "") for m in prompt)
+        return f"{prompt}\n{completion}"
+
+    def __call__(self, prompt, completion: str, row: dict) -> float:
+        import torch
+        if self.model is None:
+            self.load()
+        batch = self.tokenizer(self.text(prompt, completion), return_tensors="pt", truncation=True)
+        with torch.no_grad():
+            logits = self.model(**batch.to(self.model.device)).logits[0].float()  # (labels,)
+        return float(torch.sigmoid(logits[0]) if logits.numel() == 1 else torch.softmax(logits, -1)[-1])
+
+
 def make_verifier(cfg: VerifierConfig) -> Verifier:
     """The verifier a config names; mistakes (no pattern, an unimportable target) are one line."""
+    if not 0 < cfg.threshold <= 1:
+        raise UserError(f"verifier.threshold must be in (0, 1], got {cfg.threshold}")
+    return replace(named_verifier(cfg), threshold=cfg.threshold)
+
+
+def named_verifier(cfg: VerifierConfig) -> Verifier:
     field = cfg.field
     if cfg.name == "exact":
         return Verifier("exact", exact(field), (field, "chosen"))
@@ -118,7 +167,11 @@ def make_verifier(cfg: VerifierConfig) -> Verifier:
         if not cfg.target:
             raise UserError("verifier=python needs verifier.target=module:function")
         return Verifier(f"python {cfg.target}", imported(cfg.target), ())
-    raise UserError(f"unknown verifier '{cfg.name}' (known: exact, number, choice, regex, python)")
+    if cfg.name == "reward_model":
+        if not cfg.model:
+            raise UserError("verifier=reward_model needs verifier.model=FOLDER_OR_HUB_NAME")
+        return Verifier(f"reward_model {cfg.model}", RewardModel(cfg.model), ())
+    raise UserError(f"unknown verifier '{cfg.name}' (known: exact, number, choice, regex, python, reward_model)")
 
 
 def check_rows(verifier: Verifier, rows: list) -> None:

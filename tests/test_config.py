@@ -160,3 +160,12 @@ def test_one_seed_sets_the_others_unless_they_are_set():
     built = RunConfig(seed=4, model=ModelConfig(name_or_path="tiny"), dataset=DatasetConfig(train="x"),
                       trainer=TrainerConfig())  # in code, without Hydra
     assert (built.model.tiny.seed, built.dataset.seed, built.trainer.seed) == (4, 4, 4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("trainer.sft_steps=-1",), "trainer.sft_steps must be 0 or positive"),
+    (("loss=sft", "trainer.sft_steps=4"), "loss=sft is SFT itself"),
+])
+def test_sft_phase_settings_are_checked(overrides, message):
+    with pytest.raises(UserError, match=message):
+        make_config(*overrides)

@@ -128,3 +128,26 @@ def test_a_row_without_what_the_verifier_needs_stops_before_the_model_loads(tmp_
     monkeypatch.setattr(train_mod.Trainer, "load_model", lambda self: pytest.fail("the model loaded"))
     with pytest.raises(UserError, match=r"arith_eval.jsonl: row 1: field 'options' is missing \(verifier choice\)"):
         train(make_config(*TINY, "verifier=choice"), tmp_path)
+
+
+@pytest.mark.slow
+def test_an_sft_phase_equals_two_runs_and_is_the_reference(tmp_path):
+    """trainer.sft_steps=3 gives the losses of `loss=sft max_steps=3` then the loss trained from
+    its final/; the loss phase starts where the SFT phase ended, with it as the reference; a
+    resumed job does not train its finished SFT phase again."""
+    job, sft, kto = tmp_path / "job", tmp_path / "sft", tmp_path / "kto"
+    summary = train(make_config(*TINY, "trainer.sft_steps=3", "trainer.max_steps=3", "eval.max_prompts=2"), job)
+    train(make_config(*TINY, "loss=sft", "trainer.max_steps=3", "eval.max_prompts=2"), sft)
+    train(make_config(*TINY, "trainer.max_steps=3", "eval.max_prompts=2", "model.source=hf",
+                      f"model.name_or_path={sft / 'final'}"), kto)
+    for ours, theirs in ((job / "sft", sft), (job, kto)):
+        a, b = read_metrics(ours, "train"), read_metrics(theirs, "train")
+        assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)
+    assert read_metrics(job, "train")[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # policy == reference
+    phase = summary["sft_phase"]
+    assert phase["steps"] == 3 and summary["eval_before"]["logps/chosen"] == pytest.approx(
+        phase["eval_after"]["logps/chosen"], abs=1e-5)
+    assert summary["eval_before"]["gen/score"] == phase["eval_after"]["gen/score"]
+    train(make_config(*TINY, "trainer.sft_steps=3", "trainer.max_steps=3", "eval.max_prompts=2",
+                      "trainer.resume=auto"), job)
+    assert [r["step"] for r in read_metrics(job / "sft", "train")] == [1, 2, 3]

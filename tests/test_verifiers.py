@@ -71,3 +71,35 @@ def test_rows_without_the_reference_are_named_before_any_model_loads():
     check_rows(exact, [("eval.jsonl: row 1", ARITH), ("eval.jsonl: row 2", {"prompt": "q", "answer": "a"})])
     with pytest.raises(UserError, match=r"eval.jsonl: row 3: field 'answer' is missing \(verifier exact\)"):
         check_rows(exact, [("eval.jsonl: row 1", ARITH), ("eval.jsonl: row 3", {"prompt": "q", "label": True})])
+
+
+def test_reward_model_scores_with_a_sequence_classifier(tmp_path):
+    """The score is the classifier's own sigmoid of its one logit on the rendered conversation; a
+    folder that holds no such model is one line at start, before any weights load."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from kto_cli.models import tiny_tokenizer
+    tok = tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    verifier = make_verifier(VerifierConfig(name="reward_model", model=str(tmp_path / "rm"), threshold=0.3))
+    prompt = [{"role": "user", "content": "What is 10 + 11?"}]
+    got, detail = verifier.score(prompt, "21", {})
+    rm = verifier.fn
+    text = tok.apply_chat_template(prompt + [{"role": "assistant", "content": "21"}], tokenize=False)
+    with torch.no_grad():
+        want = torch.sigmoid(rm.model(**tok(text, return_tensors="pt")).logits[0, 0]).item()
+    assert detail == "" and 0 < got < 1 and got == pytest.approx(want, abs=1e-6) and verifier.threshold == 0.3
+    assert verifier.score(prompt, "20", {})[0] != got  # it reads the completion
+    with pytest.raises(UserError, match="needs verifier.model"):
+        make_verifier(VerifierConfig(name="reward_model"))
+    with pytest.raises(UserError, match="not a sequence-classification model"):
+        (tmp_path / "lm").mkdir()
+        (tmp_path / "lm" / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+        make_verifier(VerifierConfig(name="reward_model", model=str(tmp_path / "lm")))
+    with pytest.raises(UserError, match="verifier.threshold must be in"):
+        make_verifier(VerifierConfig(threshold=0))
