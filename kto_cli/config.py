@@ -178,6 +178,15 @@ class VerifierConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """On-policy training data (kto_cli/online.py): the policy (after the SFT phase, if any) answers
+    training prompts and the verifier labels each answer; the loss trains on those answers."""
+    prompts: int = 0  # distinct training prompts to answer, a seeded choice; 0: train on the dataset's completions
+    # how: generation.n answers per prompt, sampled at generation.temperature
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(temperature=1.0, n=4))
+
+
+@dataclass
 class EvalConfig:
     """Evaluation by generation on the held-out prompts: before training, every trainer.eval_every
     steps and at the end; scores from the `verifier` group."""
@@ -234,6 +243,7 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = MISSING
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
     verifier: VerifierConfig = MISSING
 
     def __post_init__(self):
@@ -289,9 +299,11 @@ def validate(run: RunConfig) -> None:
     _check(t.max_steps is None or t.max_steps > 0, "trainer.max_steps must be positive or null")
     _check(t.epochs > 0, f"trainer.epochs must be positive, got {t.epochs}")
     _check(t.sft_steps >= 0, f"trainer.sft_steps must be 0 or positive, got {t.sft_steps}")
-    _check(not t.sft_steps or run.loss.name not in ("sft", "csft"),
-           f"trainer.sft_steps is an SFT phase before another loss; loss={run.loss.name} is SFT itself: "
-           "set trainer.max_steps instead")
+    _check(run.online.prompts >= 0, f"online.prompts must be 0 or positive, got {run.online.prompts}")
+    for name, g in (("eval", run.eval.generation), ("online", run.online.generation)):
+        _check(g.n > 0 and g.max_new_tokens > 0 and g.batch_size > 0 and g.temperature >= 0 and 0 < g.top_p <= 1,
+               f"{name}.generation: n, max_new_tokens and batch_size must be positive, temperature >= 0, "
+               "top_p in (0, 1]")
     _check(t.shuffle or not t.group_by_length, "trainer.group_by_length=true reorders the data: it needs trainer.shuffle=true")
     for name in ("desirable_fraction", "undesirable_fraction"):
         v = getattr(d, name)

@@ -31,6 +31,7 @@ from .logprobs import (Layout, Logps, Runner, completion_logps, completion_logps
 from .losses import kl_estimate
 from .metrics import MetricSums, MetricsLog, pair_accuracy, peak_gpu_mb, peak_rss_mb, print_summary
 from .models import load_model, load_tokenizer
+from .online import online_data
 from .preemption import Preempted, Preemption
 from .reference import open_cache
 from .sampling import batch_indices, data_order, length_grouped, total_steps, visited_indices
@@ -502,7 +503,8 @@ def from_model(cfg: RunConfig, folder: Path) -> RunConfig:
 
 def train(cfg: RunConfig, run_dir: Path) -> dict:
     """Runs the whole job in run_dir (rank 0's, under several processes): its SFT phase in
-    run_dir/sft when trainer.sft_steps asks for one, then the loss. Returns the summary it also
+    run_dir/sft when trainer.sft_steps asks for one, on-policy data in run_dir/online when
+    online.prompts does (kto_cli/online.py), then the loss. Returns the summary it also
     writes to summary.json. Only rank 0 writes logs, the summary and final/."""
     started, first = time.perf_counter(), None
     if cfg.trainer.sft_steps:
@@ -513,6 +515,8 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
                                         "examples_before", "examples_after")} | {"run_dir": str(phase.run_dir)}
         cfg = from_model(cfg, phase.run_dir / "final")
         phase.cleanup()
+    if cfg.online.prompts:
+        cfg = online_data(cfg, run_dir)
     tr = Trainer(cfg, run_dir)
     tr.setup()
     summary = tr.train(started, first)

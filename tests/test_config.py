@@ -164,7 +164,6 @@ def test_one_seed_sets_the_others_unless_they_are_set():
 
 @pytest.mark.parametrize("overrides, message", [
     (("trainer.sft_steps=-1",), "trainer.sft_steps must be 0 or positive"),
-    (("loss=sft", "trainer.sft_steps=4"), "loss=sft is SFT itself"),
 ])
 def test_sft_phase_settings_are_checked(overrides, message):
     with pytest.raises(UserError, match=message):
