@@ -8,9 +8,13 @@ the turn.
 from dataclasses import dataclass
 
 import torch
+import transformers
 
 from .config import GenerationConfig
 
+# generate's name for a ready KV cache: `cache` in recent transformers (5.24 warns that
+# `past_key_values` is going), `past_key_values` in older ones
+CACHE_KWARG = "cache" if tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (5, 24) else "past_key_values"
 # End-of-turn markers of common chat templates: generation stops at them as at EOS.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
@@ -49,15 +53,27 @@ def until_stop(new: list, stops: set) -> list:
     return new
 
 
+def shared_prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, n: int):
+    """The KV cache of every prompt but its last token, computed once and repeated for each of its
+    n samples, so a prompt's samples share its forward. Positions as generate gives left-padded rows."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                  use_cache=True).past_key_values
+    cache.batch_repeat_interleave(n)
+    return cache
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, cfg: GenerationConfig, device=None, synced: bool = False) -> list:
     """cfg.n samples for each prompt (lists of token ids), in prompt order: greedy when
     cfg.temperature is 0, else seeded sampling with temperature and top_p. Prompts of similar length
-    share a batch (less padding). synced: several ranks of a ZeRO-3 model generate together (each
-    forward gathers parameters collectively), so every rank steps until all have finished."""
+    share a batch (less padding) of cfg.batch_size samples; a prompt's n samples share its forward.
+    synced: several ranks of a ZeRO-3 model generate together (each forward gathers parameters
+    collectively), so every rank steps until all have finished."""
     device = device or next(model.parameters()).device
-    pad, stops = tokenizer.pad_token_id, stop_ids(tokenizer)
-    jobs = sorted((len(p), i) for i in range(len(prompts)) for p in [prompts[i]] for _ in range(cfg.n))
+    pad, stops, n = tokenizer.pad_token_id, stop_ids(tokenizer), cfg.n
+    order = [i for _, i in sorted((len(p), i) for i, p in enumerate(prompts))]
+    per_batch = max(1, cfg.batch_size // n)
     sampling = cfg.temperature > 0
     options = dict(do_sample=sampling, max_new_tokens=cfg.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
                    temperature=cfg.temperature if sampling else None, top_p=cfg.top_p if sampling else None,
@@ -68,11 +84,14 @@ def generate(model, tokenizer, prompts: list, cfg: GenerationConfig, device=None
     cuda = torch.device(device).type == "cuda"
     with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []):
         torch.manual_seed(cfg.seed)
-        for start in range(0, len(jobs), cfg.batch_size):
-            idx = [i for _, i in jobs[start:start + cfg.batch_size]]
-            ids, mask = left_padded([prompts[i] for i in idx], pad, device)
-            out = model.generate(input_ids=ids, attention_mask=mask, **options)[:, ids.shape[1]:]  # (B, new)
-            for i, row in zip(idx, out.tolist()):
+        for start in range(0, len(order), per_batch):
+            idx = order[start:start + per_batch]
+            ids, mask = left_padded([prompts[i] for i in idx], pad, device)  # (B, T)
+            cache = shared_prompt_cache(model, ids, mask, n) if n > 1 and ids.shape[1] > 1 else None
+            ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)  # (B n, T)
+            shared = {} if cache is None else {CACHE_KWARG: cache}
+            out = model.generate(input_ids=ids, attention_mask=mask, **shared, **options)[:, ids.shape[1]:]  # (B n, new)
+            for i, row in zip((i for i in idx for _ in range(n)), out.tolist()):
                 new = until_stop(row, set(stops))
                 samples.append(Sample(i, tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)))
     model.train(was_training)

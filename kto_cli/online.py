@@ -43,12 +43,17 @@ def labelled_rows(cfg: RunConfig, run_dir: Path) -> list:
     model = load_model(cfg.model, tr.tokenizer).to(pick_device(cfg.trainer.device))
     with tr.autocast():
         samples = generate(model, tr.tokenizer, [split.sequence(i)[0] for i in picked], cfg.online.generation)
-    rows = []
+    rows, empty = [], 0
     for s in samples:
+        if not s.text:  # nothing but the end of the turn: no completion to train on
+            empty += 1
+            continue
         e = split.examples[picked[s.prompt]]
         score, detail = verifier.score(e.prompt, s.text, e.row or {})
         rows.append({"prompt": e.prompt, "completion": s.text, "label": score >= verifier.threshold,
                      "score": score, "detail": detail})
+    if empty:
+        log.info("online: %d empty answers left out", empty)
     return rows
 
 

@@ -26,7 +26,7 @@ RUNS = {"a": ("no cache", ["reference.cache=off"]),
 
 def run(model: str, steps: int, extra: list, cache: Path, out: Path) -> dict:
     exe = Path(sys.executable).parent / "kto-train"
-    args = [str(exe), f"model={model}", f"trainer.max_steps={steps}", "trainer.progress=false",
+    args = [str(exe), f"model={model}", f"trainer.max_steps={steps}", "trainer.progress=false", "recipe=none",
             f"reference.cache_dir={cache}", f"hydra.run.dir={out}", *extra]
     start = time.perf_counter()
     subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

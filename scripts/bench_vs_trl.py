@@ -43,7 +43,7 @@ def compose(model: str, steps: int, out: Path, lr: float = LR, overrides: tuple 
     overrides = [f"model={model}", f"trainer.max_steps={steps}", f"trainer.batch_size={BATCH}",
                  f"trainer.micro_batch_size={BATCH}", f"trainer.lr={lr}", "trainer.schedule=constant",
                  "trainer.warmup_ratio=0", "trainer.progress=false", "dataset.eval=null",
-                 f"dataset.max_train_rows={ROWS}", f"dataset.max_length={MAX_LENGTH}", "reference.cache=off", *overrides]
+                 f"dataset.max_train_rows={ROWS}", f"dataset.max_length={MAX_LENGTH}", "reference.cache=off", "recipe=none", *overrides]
     with initialize_config_module("kto_cli.conf", version_base=None):
         return to_run_config(hydra_compose("config", overrides=overrides))
 

@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 MODEL=(model=tiny_smollm2 model.tiny.hidden_size=2048 model.tiny.num_layers=16 model.tiny.num_heads=16
        model.tiny.intermediate_size=5632)
 for stage in zero2 zero3; do
-  deepspeed --num_gpus 1 --master_port 29650 "$(command -v kto-train)" "${MODEL[@]}" deepspeed=$stage \
+  deepspeed --num_gpus 1 --master_port 29650 "$(command -v kto-train)" "${MODEL[@]}" deepspeed=$stage recipe=none \
     trainer.precision=bf16 trainer.max_steps="$STEPS" trainer.batch_size="$BATCH" \
     trainer.micro_batch_size="$BATCH" trainer.progress=false trainer.save_every=0 dataset.eval=null \
     reference.cache=off hydra.run.dir="$OUT/$stage" > "$OUT/$stage.log" 2>&1 \

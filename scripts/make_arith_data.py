@@ -5,7 +5,7 @@
 Labels are honest and checkable by the code below: `chosen` is the right answer, `rejected` a
 plausible mistake. Four kinds of question (a sum, the larger of two numbers, the number after n,
 parity), easy enough that a 135M model's prior knowledge can be sharpened in a few minutes of CPU
-training, so the default run shows what KTO changes. No question appears in both files.
+training, so the default run shows what KTO changes. No question appears in two files.
 """
 import json
 import random
@@ -53,9 +53,11 @@ def rows(n: int, rng: random.Random, seen: set) -> list:
 
 def main() -> None:
     rng, seen = random.Random(240201306), set()
-    for name, n in (("arith_eval", 64), ("arith_train", 1000)):
+    # arith_val: 400 more questions for choosing recipes and hyperparameters, so that the held-out
+    # 64 judge only the final choice; its own generator, so the other two files stay as they were.
+    for name, n, gen in (("arith_eval", 64, rng), ("arith_train", 1000, rng), ("arith_val", 400, random.Random(7))):
         path = OUT / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows(n, rng, seen)))
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows(n, gen, seen)))
         print(f"wrote {n} rows to {path}")
 
 

@@ -13,8 +13,8 @@ register_configs()
 
 
 # What every in-process or launched tiny run starts from: the 2-layer random Llama, no progress bars.
-# the default job's SFT phase and on-policy data off: tests ask for the phases they test
-TINY_RUN = ("model=tiny", "trainer.progress=false", "trainer.sft_steps=0", "online.prompts=0")
+# without the default job's recipe (SFT phase, on-policy data): tests ask for the phases they test
+TINY_RUN = ("model=tiny", "trainer.progress=false", "recipe=none")
 
 
 def make_config(*overrides: str):

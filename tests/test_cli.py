@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SMOKE = ["model=tiny", "trainer.max_steps=2", "trainer.progress=false", "trainer.sft_steps=0", "online.prompts=0", "dataset.max_train_rows=8",
+SMOKE = ["model=tiny", "trainer.max_steps=2", "trainer.progress=false", "recipe=none", "dataset.max_train_rows=8",
          "dataset.max_eval_rows=4"]
 
 pytestmark = pytest.mark.subprocess

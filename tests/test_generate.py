@@ -58,3 +58,22 @@ def test_stops_at_end_of_turn_and_restores_the_mode(tiny_tok):
     got = generate(model, tiny_tok, prompts, GenerationConfig(max_new_tokens=8), "cpu")
     assert all(s.tokens == 1 and s.text == "" for s in got)
     assert model.training
+
+
+def test_samples_sharing_their_prompts_forward_equal_separate_prompts(tiny_tok):
+    """n samples of a prompt start from one prefill of it (its cache repeated n times): greedy, each
+    equals the prompt generated alone without a cache; seeded sampling equals giving the prompt n
+    times with n=1 in batches of the same rows."""
+    model, prompts = model_and_prompts(tiny_tok)
+    got = generate(model, tiny_tok, prompts, GenerationConfig(max_new_tokens=6, n=3, batch_size=6), "cpu")
+    assert [s.prompt for s in got] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for s in got:
+        alone = greedy_alone(model, prompts[s.prompt], 6, stop_ids(tiny_tok))
+        assert s.tokens == len(alone) and s.text == tiny_tok.decode(alone, skip_special_tokens=True).strip()
+    sampled = GenerationConfig(max_new_tokens=6, temperature=1.0, n=3, batch_size=9, seed=3)
+    shared = generate(model, tiny_tok, prompts, sampled, "cpu")
+    order = sorted(range(3), key=lambda i: (len(prompts[i]), i))
+    repeated = [prompts[i] for i in order for _ in range(3)]
+    plain = generate(model, tiny_tok, repeated, GenerationConfig(max_new_tokens=6, temperature=1.0, batch_size=9,
+                                                                  seed=3), "cpu")
+    assert sorted((order[s.prompt // 3], s.text) for s in plain) == sorted((s.prompt, s.text) for s in shared)

@@ -97,7 +97,7 @@ def test_the_readme_example_is_a_whole_new_loss(tmp_path):
     exec(compile(code, "kto_cli/objectives/hinge.py", "exec"), module.__dict__)
     try:
         register_configs()
-        cfg = make_config("model=tiny", "loss=hinge", "loss.beta=0.5", "trainer.progress=false", "trainer.max_steps=2",
+        cfg = make_config("model=tiny", "recipe=none", "loss=hinge", "loss.beta=0.5", "trainer.progress=false", "trainer.max_steps=2",
                           "trainer.batch_size=4", "trainer.micro_batch_size=4", "dataset.max_train_rows=8",
                           "dataset.max_eval_rows=4")
         assert type(cfg.loss).__name__ == "HingeLossConfig" and cfg.loss.beta == 0.5
