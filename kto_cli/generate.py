@@ -24,6 +24,7 @@ class Sample:
     prompt: int  # index into the prompts given
     text: str  # the completion, special tokens removed
     tokens: int  # tokens generated, the stop token included
+    finished: bool = True  # it ended with a stop token, not at max_new_tokens
 
 
 def stop_ids(tokenizer) -> list:
@@ -93,6 +94,7 @@ def generate(model, tokenizer, prompts: list, cfg: GenerationConfig, device=None
             out = model.generate(input_ids=ids, attention_mask=mask, **shared, **options)[:, ids.shape[1]:]  # (B n, new)
             for i, row in zip((i for i in idx for _ in range(n)), out.tolist()):
                 new = until_stop(row, set(stops))
-                samples.append(Sample(i, tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)))
+                text = tokenizer.decode(new, skip_special_tokens=True).strip()
+                samples.append(Sample(i, text, len(new), bool(new) and new[-1] in stops))
     model.train(was_training)
     return sorted(samples, key=lambda s: s.prompt)  # stable: a prompt's samples keep their order

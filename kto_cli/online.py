@@ -43,17 +43,19 @@ def labelled_rows(cfg: RunConfig, run_dir: Path) -> list:
     model = load_model(cfg.model, tr.tokenizer).to(pick_device(cfg.trainer.device))
     with tr.autocast():
         samples = generate(model, tr.tokenizer, [split.sequence(i)[0] for i in picked], cfg.online.generation)
-    rows, empty = [], 0
+    rows, left_out = [], 0
     for s in samples:
-        if not s.text:  # nothing but the end of the turn: no completion to train on
-            empty += 1
+        # Trained on, an answer ends with the end of the turn: one cut at max_new_tokens would teach
+        # (or, labelled wrong, unteach) stopping where the model did not stop; an empty one has no tokens.
+        if not s.text or not s.finished:
+            left_out += 1
             continue
         e = split.examples[picked[s.prompt]]
         score, detail = verifier.score(e.prompt, s.text, e.row or {})
         rows.append({"prompt": e.prompt, "completion": s.text, "label": score >= verifier.threshold,
                      "score": score, "detail": detail})
-    if empty:
-        log.info("online: %d empty answers left out", empty)
+    if left_out:
+        log.info("online: %d answers left out (empty, or cut at online.generation.max_new_tokens)", left_out)
     return rows
 
 
