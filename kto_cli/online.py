@@ -34,8 +34,10 @@ def chosen_prompts(split, count: int, seed: int) -> list:
 def labelled_rows(cfg: RunConfig, run_dir: Path) -> list:
     """The policy's answers to cfg.online.prompts training prompts, as (prompt, completion, label) rows."""
     from .models import load_model
+    from .objectives.sft import SFTLossConfig
     from .train import Trainer, pick_device
-    tr = Trainer(cfg, run_dir)
+    # the prompts as tokenized for plain SFT: no control tokens (csft's), which the model has not learned
+    tr = Trainer(replace(cfg, loss=SFTLossConfig()), run_dir)
     tr.load_inputs()
     split, verifier = tr.splits["train"], make_verifier(cfg.verifier)
     picked = chosen_prompts(split, cfg.online.prompts, cfg.trainer.seed)

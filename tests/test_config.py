@@ -169,6 +169,8 @@ def test_one_seed_sets_the_others_unless_they_are_set():
 
 @pytest.mark.parametrize("overrides, message", [
     (("trainer.sft_steps=-1",), "trainer.sft_steps must be 0 or positive"),
+    (("online.prompts=-2",), "online.prompts must be 0 or positive"),
+    (("eval.generation.n=0",), "eval.generation: n, max_new_tokens and batch_size must be positive"),
 ])
 def test_sft_phase_settings_are_checked(overrides, message):
     with pytest.raises(UserError, match=message):

@@ -190,3 +190,18 @@ def test_online_data_are_the_policys_answers_labelled_by_the_verifier(tmp_path):
     before = (tmp_path / "online" / "train.jsonl").stat().st_mtime_ns
     train(make_config(*args, "trainer.resume=auto"), tmp_path)
     assert (tmp_path / "online" / "train.jsonl").stat().st_mtime_ns == before
+
+
+def test_online_sampling_prompts_carry_no_control_tokens(tmp_path, monkeypatch):
+    """With loss=csft the training prompts end with <|good|> or <|bad|> by label; the policy answers
+    them without either (it has not learned them yet)."""
+    from kto_cli import online
+    seen = []
+    real = online.generate
+    monkeypatch.setattr(online, "generate", lambda model, tok, prompts, cfg: seen.extend(prompts) or real(
+        model, tok, prompts, cfg))
+    train(make_config(*TINY, "loss=csft", "online.prompts=4", "online.generation.max_new_tokens=200",
+                      "trainer.max_steps=1", "eval.max_prompts=1"), tmp_path)
+    from kto_cli.models import load_tokenizer
+    plain = load_tokenizer(make_config(*TINY).model)
+    assert len(seen) == 4 and all(max(p) < len(plain) for p in seen)  # control tokens come after the vocabulary
