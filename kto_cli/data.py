@@ -249,6 +249,14 @@ def prompt_key(prompt: Text) -> str:
     return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
 
 
+def distinct_prompts(examples: list) -> list:
+    """The index of each distinct prompt's first example, in order."""
+    first = {}
+    for i, e in enumerate(examples):
+        first.setdefault(prompt_key(e.prompt), i)
+    return list(first.values())
+
+
 def hold_out(examples: list, fraction: float, seed: int) -> tuple:
     """Splits by prompt, so no prompt is both trained on and evaluated on. Returns (train, eval)."""
     prompts = sorted({prompt_key(e.prompt) for e in examples})

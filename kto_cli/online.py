@@ -13,8 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import distributed as dist
-from .config import RunConfig, UnpairMode
-from .data import prompt_key
+from .config import RunConfig, UnpairMode, UserError
+from .data import distinct_prompts
 from .files import atomic_write
 from .generate import generate
 from .verifiers import check_rows, make_verifier
@@ -24,11 +24,8 @@ log = logging.getLogger("kto_cli")
 
 def chosen_prompts(split, count: int, seed: int) -> list:
     """Example indices of `count` distinct prompts of the split, a seeded choice, in split order."""
-    first = {}
-    for i, e in enumerate(split.examples):
-        first.setdefault(prompt_key(e.prompt), i)
-    picked = sorted(first.values())
-    return sorted(random.Random(seed).sample(picked, min(count, len(picked))))
+    first = distinct_prompts(split.examples)
+    return sorted(random.Random(seed).sample(first, min(count, len(first))))
 
 
 def labelled_rows(cfg: RunConfig, run_dir: Path) -> list:
@@ -56,6 +53,9 @@ def labelled_rows(cfg: RunConfig, run_dir: Path) -> list:
         score, detail = verifier.score(e.prompt, s.text, e.row or {})
         rows.append({"prompt": e.prompt, "completion": s.text, "label": score >= verifier.threshold,
                      "score": score, "detail": detail})
+    if not rows:
+        raise UserError(f"online: all {left_out} answers were empty or cut at online.generation.max_new_tokens="
+                        f"{cfg.online.generation.max_new_tokens}: nothing to train on; raise it")
     if left_out:
         log.info("online: %d answers left out (empty, or cut at online.generation.max_new_tokens)", left_out)
     return rows
@@ -77,7 +77,7 @@ def online_data(cfg: RunConfig, run_dir: Path) -> RunConfig:
         log.info("online: %d answers to %d training prompts in %.0f s, %d (%.1f%%) pass the verifier: %s",
                  len(rows), cfg.online.prompts, time.perf_counter() - started, passed,
                  100 * passed / max(1, len(rows)), path)
-        if not passed or passed == len(rows):
+        if passed in (0, len(rows)):
             log.warning("online: every answer is labelled %s: the loss sees one kind only", bool(passed))
     dist.barrier()
     path = Path(dist.broadcast(str(path)))

@@ -475,7 +475,6 @@ class Trainer:
                    "examples_before": examples_at(samples, 0), "examples_after": examples_at(samples, self.steps)}
         if sft_phase:
             summary["sft_phase"] = sft_phase
-            summary["train_seconds_total"] = train_time + sft_phase["train_seconds"]
         if dist.is_main():
             atomic_write(self.run_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
         return summary

@@ -205,3 +205,10 @@ def test_online_sampling_prompts_carry_no_control_tokens(tmp_path, monkeypatch):
     from kto_cli.models import load_tokenizer
     plain = load_tokenizer(make_config(*TINY).model)
     assert len(seen) == 4 and all(max(p) < len(plain) for p in seen)  # control tokens come after the vocabulary
+
+
+def test_online_answers_all_cut_at_the_limit_are_one_line(tmp_path):
+    from kto_cli.config import UserError
+    with pytest.raises(UserError, match="online: all 8 answers were empty or cut at online.generation.max_new_tokens=1"):
+        train(make_config(*TINY, "online.prompts=4", "online.generation.n=2", "online.generation.max_new_tokens=1",
+                          "trainer.max_steps=1", "eval.max_prompts=1"), tmp_path)
