@@ -34,14 +34,14 @@ def test_groups_ship_what_the_docs_promise():
 
 
 def test_default_run_is_smollm2_kto():
-    """The default job: SFT phase, on-policy answers, then KTO at beta 1.0 (a preset); loss=kto
-    itself keeps the paper's beta 0.1."""
+    """The default job: SFT phase, on-policy answers, then KTO at beta 1.0 and undesirable weight
+    0.25 (a preset); loss=kto itself keeps the paper's beta 0.1 and weights 1.0."""
     run = make_config()
     assert run.model.source == ModelSource.gguf and isinstance(run.loss, KTOLossConfig)
     assert run.loss.name == "kto_short_answers" and run.trainer.sft_steps > 0 and run.online.prompts > 0
-    assert (run.loss.beta, run.loss.desirable_weight, run.loss.undesirable_weight) == (1.0, 1.0, 1.0)
-    plain = make_config("loss=kto", "recipe=none")  # the paper's beta, on the dataset alone
-    assert (plain.loss.beta, plain.trainer.sft_steps, plain.online.prompts) == (0.1, 0, 0)
+    assert (run.loss.beta, run.loss.desirable_weight, run.loss.undesirable_weight) == (1.0, 1.0, 0.25)
+    plain = make_config("loss=kto", "recipe=none")  # the paper's loss, on the dataset alone
+    assert (plain.loss.beta, plain.loss.undesirable_weight, plain.trainer.sft_steps, plain.online.prompts) == (0.1, 1.0, 0, 0)
 
 
 @pytest.mark.parametrize("override, words", [

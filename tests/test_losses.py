@@ -1,4 +1,5 @@
 """Golden values for every loss, each derived by hand in its docstring (KTO from the paper's Eq. 8)."""
+import logging
 import math
 
 import pytest
@@ -42,6 +43,19 @@ def test_kto_weights_scale_each_side():
     loss, _ = kto_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0]), torch.tensor([True, False]),
                        torch.tensor(0.2), beta=0.1, desirable_weight=2.0, undesirable_weight=0.5)
     assert loss.item() == pytest.approx((2 * (1 - sig(0.03)) + 0.5 * (1 - sig(0.12))) / 2, abs=1e-7)
+
+
+def test_kto_weight_ratio_warns_below_the_papers_range_and_notes_above(caplog):
+    """lambda_D n_D / (lambda_U n_U): 1 * 10 / (1 * 30) = 1/3 is below [1, 4/3] (a warning naming
+    lambda_D in [3, 4]); 1 * 60 / (0.25 * 40) = 6 is above it (leaning to the desirable side on
+    purpose, as loss=kto_short_answers does): noted at INFO, no warning."""
+    from kto_cli.objectives.kto import KTOLossConfig, kto_weights
+    caplog.set_level(logging.INFO, logger="kto_cli")
+    assert kto_weights(KTOLossConfig(), 10, 30) == (1.0, 1.0)
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "between 3.000 and 4.000" in caplog.text
+    caplog.clear()
+    assert kto_weights(KTOLossConfig(undesirable_weight=0.25), 60, 40) == (1.0, 0.25)
+    assert [r.levelname for r in caplog.records] == ["INFO"] and "= 6.000 is outside" in caplog.text
 
 
 def test_kto_policy_equal_reference_is_one_half():

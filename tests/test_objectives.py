@@ -66,6 +66,17 @@ def test_each_objective_calls_its_own_loss(name):
     assert all(abs(v - got.item()) > 1e-6 for n, v in others.items() if n not in ("sft",) or name != "csft"), others
 
 
+@pytest.mark.parametrize("name", ["kto", "kto_zero"])
+def test_kto_sft_weight_adds_the_desirable_token_mean_nll(name):
+    """sft_weight 0.5 on inputs(): the three desirable completions have log-probs -2, -3, -4 over
+    2 + 3 + 4 tokens, so the loss grows by 0.5 * 9 / 9 = 0.5 over the paper's KTO loss, logged as sft_loss 1.0."""
+    cls = next(c for c in REGISTRY.values() if c.name == name)
+    plain, anchored = create(cls.schema()), create(cls.schema(sft_weight=0.5))
+    x = inputs()
+    (base, _), (got, metrics) = plain.loss(x), anchored.loss(x)
+    assert got.item() == pytest.approx(base.item() + 0.5) and metrics["sft_loss"].item() == pytest.approx(1.0)
+
+
 def test_ppo_objective_whitens_and_normalises_through_the_loop_statistics():
     objective = with_defaults("ppo")
     x = inputs(per_token=True)
