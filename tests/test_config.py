@@ -170,6 +170,7 @@ def test_one_seed_sets_the_others_unless_they_are_set():
 @pytest.mark.parametrize("overrides, message", [
     (("trainer.sft_steps=-1",), "trainer.sft_steps must be 0 or positive"),
     (("online.prompts=-2",), "online.prompts must be 0 or positive"),
+    (("loss.sft_weight=-1",), "loss.sft_weight must be 0 or positive, got -1"),
     (("eval.generation.n=0",), "eval.generation: n, max_new_tokens and batch_size must be positive"),
 ])
 def test_sft_phase_settings_are_checked(overrides, message):

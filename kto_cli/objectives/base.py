@@ -59,6 +59,8 @@ class Objective:
         for f in fields(cfg):
             if f.name in ("beta", "tau", "desirable_weight", "undesirable_weight") and getattr(cfg, f.name) <= 0:
                 raise UserError(f"invalid config: loss.{f.name} must be positive, got {getattr(cfg, f.name)}")
+            if f.name == "sft_weight" and getattr(cfg, f.name) < 0:
+                raise UserError(f"invalid config: loss.sft_weight must be 0 or positive, got {cfg.sft_weight}")
 
     def special_tokens(self) -> list:
         """Tokens the tokenizer (and the embeddings) must gain."""

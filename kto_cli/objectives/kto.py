@@ -74,9 +74,8 @@ class KTO(Objective):
         """loss + sft_weight * the desirable completions' token-mean NLL (over every rank's micro-batch)."""
         if not self.cfg.sft_weight:
             return loss, metrics
-        lengths = x.policy.lengths.float() * x.desirable  # (B,) 0 for undesirable examples
-        tokens = x.reduce(lengths.sum()) / x.ranks
-        nll, _ = losses.sft_loss(x.policy.seq[x.desirable], lengths, tokens)
+        lengths = x.policy.lengths[x.desirable].float()  # (D,) the desirable completions' tokens
+        nll, _ = losses.sft_loss(x.policy.seq[x.desirable], lengths, x.reduce(lengths.sum()) / x.ranks)
         return loss + self.cfg.sft_weight * nll, metrics | {"sft_loss": nll.detach().reshape(1)}
 
 
