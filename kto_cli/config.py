@@ -144,6 +144,9 @@ class TrainerConfig:
     eval_every: int = 0  # steps; 0 evaluates only before and after training
     eval_batch_size: int = 16
     save_every: int = 0  # steps; 0 saves only the final checkpoint
+    # false: none at the end either (final/ is still exported): for runs nobody resumes or extends,
+    # whose optimizer state (twice the weights) would only fill the disk
+    final_checkpoint: bool = True
     log_every: int = 1
     resume: Optional[str] = None  # "auto": latest complete checkpoint of this run dir, or a path
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -191,6 +194,9 @@ class EvalConfig:
     """Evaluation by generation on the held-out prompts: before training, every trainer.eval_every
     steps and at the end; scores from the `verifier` group."""
     generate: bool = True
+    # false: no generation before training (the starting model's answers are known, e.g. several
+    # runs from one model); its log-prob metrics are still logged
+    before_training: bool = True
     max_prompts: Optional[int] = None  # the first N distinct held-out prompts; null: all
     # kto-eval: the model to evaluate (a run's final/ folder or a hub name); null: the `model` group's
     model: Optional[str] = None

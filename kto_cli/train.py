@@ -380,7 +380,7 @@ class Trainer:
             acc = pair_accuracy(split, score)
             if acc is not None:
                 out[key] = acc
-        return out | self.evaluate_generation(step)
+        return out if initial and not self.cfg.eval.before_training else out | self.evaluate_generation(step)
 
     def evaluate_generation(self, step: int) -> dict:
         """eval/gen/*: every rank generates the same answers (under ZeRO-3 in step, each forward
@@ -463,7 +463,8 @@ class Trainer:
         self.log_metrics(self.steps, "eval", after)
         if self.metrics_log is not None:
             self.metrics_log.close()
-        save_checkpoint(self.run_dir, self.steps, self.backend, fingerprint(self.cfg))
+        if self.cfg.trainer.final_checkpoint:
+            save_checkpoint(self.run_dir, self.steps, self.backend, fingerprint(self.cfg))
         self.objective.export(self.tokenizer)
         export_final(self.run_dir, self.backend, self.model, self.tokenizer)
         ref = self.reference_report or {}

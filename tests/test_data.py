@@ -185,3 +185,21 @@ def test_build_splits_and_collate_pad_to_batch_longest(tmp_path, tiny_tok):
     assert train.kl_sequence(0)[0] == train.sequence(0)[0]  # same prompt, partner's completion
     assert train.kl_sequence(0)[1] == train.completion_ids[train.kl_partner[0]]
     assert isinstance(train.desirable([0, 1]), torch.Tensor)
+
+
+def test_shipped_arith_files_share_no_question_and_the_script_remakes_them(tmp_path, monkeypatch):
+    """No question is in two of train / eval / val / test, and scripts/make_arith_data.py writes
+    exactly the shipped files (so arith_test's addition left the others as they were)."""
+    import importlib.util
+    from pathlib import Path
+    assets = Path(__file__).resolve().parent.parent / "kto_cli" / "assets"
+    names = ("arith_train", "arith_eval", "arith_val", "arith_test")
+    questions = {n: [json.loads(line)["prompt"][-1]["content"] for line in open(assets / f"{n}.jsonl")] for n in names}
+    assert [len(questions[n]) for n in names] == [1000, 64, 400, 400]
+    assert len(set().union(*map(set, questions.values()))) == 1864
+    spec = importlib.util.spec_from_file_location("make_arith_data", assets.parent.parent / "scripts" / "make_arith_data.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "OUT", tmp_path)
+    script.main()
+    assert all((tmp_path / f"{n}.jsonl").read_bytes() == (assets / f"{n}.jsonl").read_bytes() for n in names)

@@ -54,6 +54,35 @@ def test_multirun_2x2_computes_the_reference_once_and_reports(tmp_path):
     assert (sweep / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def fake_point(where: Path, overrides: list, score: float, accuracy: float) -> None:
+    """A finished run dir as kto-train leaves it, for the report alone."""
+    (where / ".hydra").mkdir(parents=True)
+    (where / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (where / "config.yaml").write_text("seed: 0\n")
+    (where / "metrics.jsonl").write_text(json.dumps({"step": 4, "eval/gen/score": score,
+                                                     "eval/rewards/accuracies": accuracy}) + "\n")
+    (where / "summary.json").write_text(json.dumps({"wall_seconds": 1.0}))
+
+
+def test_report_over_seeds_gives_each_setting_a_mean_and_interval(tmp_path):
+    from kto_cli.report import report
+    scores = {("0.1", "0"): 0.60, ("0.1", "1"): 0.64, ("0.1", "2"): 0.62, ("1.0", "0"): 0.70, ("1.0", "1"): 0.70,
+              ("1.0", "2"): 0.76}
+    for n, ((beta, seed), score) in enumerate(scores.items()):
+        fake_point(tmp_path / str(n), ["model=tiny", f"loss.beta={beta}", f"seed={seed}"], score, 0.5 + score / 10)
+    r = report(tmp_path)
+    assert len(r["points"]) == 6 and [g["swept"] for g in r["groups"]] == [
+        {"loss.beta": "0.1", "model": "tiny"}, {"loss.beta": "1.0", "model": "tiny"}]
+    rows = list(csv.DictReader(open(tmp_path / "sweep_seeds.csv")))
+    assert [(r["loss.beta"], r["seeds"]) for r in rows] == [("0.1", "3"), ("1.0", "3")]
+    # 0.60, 0.64, 0.62: mean 0.62, sd 0.02, half-width t(0.975, 2) * 0.02 / sqrt(3) = 0.0497
+    assert float(rows[0]["final gen/score"]) == pytest.approx(0.62, abs=1e-4)
+    assert float(rows[0]["high gen/score"]) - 0.62 == pytest.approx(4.303 * 0.02 / 3 ** 0.5, abs=1e-4)
+    assert float(rows[1]["final rewards/accuracies"]) == pytest.approx(0.5 + 0.72 / 10, abs=1e-4)
+    assert "final gen/score" in next(csv.DictReader(open(tmp_path / "sweep.csv")))  # per run, generation too
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.subprocess
 def test_concurrent_points_compute_the_reference_once(tmp_path):
     """Two runs started together on an empty cache: one computes, the other waits on the cache

@@ -121,6 +121,19 @@ def test_generation_eval_writes_samples_and_survives_a_raising_verifier(tmp_path
     assert read_metrics(tmp_path, "eval")[0]["gen/score"] == summary["eval_before"]["gen/score"]
 
 
+@pytest.mark.slow
+def test_a_run_nobody_resumes_skips_the_first_answers_and_the_last_checkpoint(tmp_path):
+    """eval.before_training=false: no generation at step 0 (the log-prob metrics stay);
+    trainer.final_checkpoint=false: final/ but no optimizer state."""
+    from kto_cli.evaluate import read_samples
+    summary = train(make_config(*TINY, "trainer.max_steps=2", "eval.generation.max_new_tokens=2",
+                                "eval.before_training=false", "trainer.final_checkpoint=false"), tmp_path)
+    assert {s["step"] for s in read_samples(tmp_path / "samples.jsonl")} == {2}
+    assert "gen/score" not in summary["eval_before"] and "rewards/margins" in summary["eval_before"]
+    assert "gen/score" in summary["eval_after"]
+    assert (tmp_path / "final" / "config.json").is_file() and not (tmp_path / "checkpoints").exists()
+
+
 def test_a_row_without_what_the_verifier_needs_stops_before_the_model_loads(tmp_path, monkeypatch):
     """verifier=choice needs each held-out row's options: one line naming file, row and field."""
     from kto_cli import train as train_mod
