@@ -44,8 +44,9 @@ def arm_row(exp, arm) -> dict:
                    for p in points if p != best and arm.train)
     seconds += sum(read_json(exp.run_dir(arm, p, first) / "validation" / "eval.json").get("seconds", 0.0)
                    for p in points)
-    row = {"arm": arm.name, "start": arm.start or "base", "validation": tuning, "chosen": point_name(best),
-           "seeds": seeds, "seconds": seconds}
+    ran = any(r["score"] is not None for r in seeds.values())
+    row = {"arm": arm.name, "start": arm.start or "base", "validation": tuning,
+           "chosen": point_name(best) if ran else "not run yet", "seeds": seeds, "seconds": seconds}
     for key in ("score", "rewards_acc", "logps_acc"):  # shares: the interval is clipped to [0, 1]
         values = [r[key] for r in seeds.values() if r.get(key) is not None]
         mean, low, high = mean_interval(values) if values else (None,) * 3
@@ -89,7 +90,7 @@ def markdown(rows: list, claims: list, spec) -> str:
              f"per seed ({' / '.join(map(str, seeds))}) | implicit-reward accuracy | log-prob accuracy | minutes |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        tuning = "; ".join(f"{k}: {pct(v)}" for k, v in r["validation"].items())
+        tuning = "; ".join(f"{k}: {pct(v)}" for k, v in r["validation"].items() if v is not None)
         per_seed = " / ".join(pct(r["seeds"][s]["score"]) for s in seeds)
         lines.append(f"| {r['arm']} | {r['start']} | {tuning} | {r['chosen']} | {interval(r['score'])} | {per_seed} | "
                      f"{interval(r['rewards_acc'])} | {interval(r['logps_acc'])} | {r['seconds'] / 60:.1f} |")
