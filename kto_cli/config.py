@@ -195,8 +195,13 @@ class EvalConfig:
     steps and at the end; scores from the `verifier` group."""
     generate: bool = True
     # false: no generation before training (the starting model's answers are known, e.g. several
-    # runs from one model); its log-prob metrics are still logged
+    # runs from one model); its log-prob metrics are logged only where the reference pass already
+    # holds them (a loss without a reference, e.g. sft, skips the step-0 evaluation entirely)
     before_training: bool = True
+    # false: the held-out log-prob and implicit-reward accuracies alone, from one no-grad pass that
+    # computes each prompt once for all its completions; no loss, margins or KL (KTO's KL partners
+    # of held-out examples are then neither run nor looked up in the reference pass)
+    loss_metrics: bool = True
     max_prompts: Optional[int] = None  # the first N distinct held-out prompts; null: all
     # kto-eval: the model to evaluate (a run's final/ folder or a hub name); null: the `model` group's
     model: Optional[str] = None

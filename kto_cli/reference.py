@@ -50,19 +50,21 @@ class ReferenceLogps:
         return getattr(self, f"{split}_tokens")
 
 
-def wanted(splits: dict, kl: bool) -> list:
-    """(output field, split, example indices, sequences) for everything the pass must deliver."""
+def wanted(splits: dict, kl) -> list:
+    """(output field, split, example indices, sequences) for everything the pass must deliver.
+    kl: the names of the splits whose KL partners it must also deliver."""
     jobs = []
     for name, (split, idx) in splits.items():
         jobs.append((name, split, idx, [split.sequence(i) for i in idx]))
-        if kl:
+        if name in kl:
             jobs.append((f"{name}_kl", split, idx, [split.kl_sequence(i) for i in idx]))
     return jobs
 
 
-def reference_pass(get_model: Callable, splits: dict, kl: bool, per_token: bool, cache: Optional[RefCache],
+def reference_pass(get_model: Callable, splits: dict, kl, per_token: bool, cache: Optional[RefCache],
                    run: Runner, show_progress: bool = True, shard: tuple = (0, 1), exchange: bool = False) -> tuple:
-    """splits: name ("train"/"eval") -> (Split, indices of the examples that will be used).
+    """splits: name ("train"/"eval") -> (Split, indices of the examples that will be used); kl: the
+    names of those whose KL partners are used too.
     Looks every sequence up in the cache by content, computes only the missing ones (this
     process's share of them when shard = (rank, world size)), stores those, and returns
     (ReferenceLogps, and a report). get_model is called only if something must be computed.

@@ -27,7 +27,7 @@ from .data import build_splits, collate
 from .evaluate import GenerationEval, examples_at, keep_samples, read_samples
 from .files import atomic_write
 from .logprobs import (Layout, Logps, Runner, completion_logps, completion_logps_and_values, packed_batch,
-                       packed_logps, to_device)
+                       logps_of, packed_logps, to_device)
 from .losses import kl_estimate
 from .metrics import MetricSums, MetricsLog, pair_accuracy, peak_gpu_mb, peak_rss_mb, print_summary
 from .models import load_model, load_tokenizer
@@ -240,6 +240,13 @@ class Trainer:
         positions = visited_indices(self.steps, len(units), t.batch_size, t.seed, self.order)
         return sorted({i for p in positions for i in (units[p] if self.need.paired else (units[p],))})
 
+    def kl_splits(self) -> set:
+        """The splits whose examples' KL partners are used: training's for KTO's reference point,
+        the held-out one's for its loss metrics."""
+        if not self.need.kl:
+            return set()
+        return {name for name in self.splits if name == "train" or self.cfg.eval.loss_metrics}
+
     def reference(self) -> reference_mod.ReferenceLogps:
         """Reference log-probs of the examples this run uses: from the shared cache where present,
         computed on the policy's initial weights otherwise. Kept in the run dir for resuming."""
@@ -254,7 +261,7 @@ class Trainer:
         started = time.perf_counter()
         run = Runner(self.pad_id, self.device, self.autocast, self.cfg.reference.batch_size, self.backend, self.layout)
         ref, report = reference_mod.reference_pass(
-            lambda: self.model, used, self.need.kl, self.need.per_token, open_cache(self.cfg, self.tokenizer), run,
+            lambda: self.model, used, self.kl_splits(), self.need.per_token, open_cache(self.cfg, self.tokenizer), run,
             self.show_progress, shard=(self.rank, self.world), exchange=self.world > 1)
         log.info("reference log-probs: %d reused from the cache, %d computed", report["reused"], report["computed"])
         self.reference_report = {**report, "seconds": time.perf_counter() - started}
@@ -355,14 +362,27 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, step: int, initial: bool = False) -> dict:
-        """The loss and its metrics on the held-out split, how often the chosen completion beats
-        the rejected one, by implicit reward (losses with a reference) and by log-prob, and what the
-        model answers to the held-out prompts, scored by the verifier (samples.jsonl). Before
-        training the policy is the reference, so where the pre-pass has its log-probs no forward
-        pass is needed."""
-        split, units, bs = self.splits["eval"], self.units["eval"], self.cfg.trainer.eval_batch_size
+        """The loss and its metrics on the held-out split (eval.loss_metrics), how often the chosen
+        completion beats the rejected one, by implicit reward (losses with a reference) and by
+        log-prob, and what the model answers to the held-out prompts, scored by the verifier
+        (samples.jsonl). Before training the policy is the reference, so where the pre-pass has its
+        log-probs no forward pass is needed."""
+        split = self.splits["eval"]
         source = "reference" if initial and self.need.reference and not self.need.value_head else "policy"
         self.model.eval()
+        out, logps = self.eval_loss(source) if self.cfg.eval.loss_metrics else ({}, self.eval_logps(source))
+        scores = {"logps/accuracies": logps}
+        if self.need.reference and "rewards/accuracies" not in out:
+            scores["rewards/accuracies"] = logps - self.ref.eval
+        for key, score in scores.items():
+            acc = pair_accuracy(split, score)
+            if acc is not None:
+                out[key] = acc
+        return out if initial and not self.cfg.eval.before_training else out | self.evaluate_generation(step)
+
+    def eval_loss(self, source: str) -> tuple:
+        """(The loss's metrics, (N,) log-probs of every held-out example), micro-batch by micro-batch."""
+        split, units, bs = self.splits["eval"], self.units["eval"], self.cfg.trainer.eval_batch_size
         sums, logps = MetricSums(), torch.full((len(split),), float("nan"))
         for start in range(0, len(units), bs):
             micro = self.micro_step("eval", units[start:start + bs], source, across_ranks=False)
@@ -372,15 +392,17 @@ class Trainer:
         for start in range(0, len(missing), bs):
             idx = missing[start:start + bs]
             logps[idx] = self.forward("eval", idx, source=source)[0].seq.float().cpu()
-        out = sums.means()
-        scores = {"logps/accuracies": logps}
-        if self.need.reference and "rewards/accuracies" not in out:
-            scores["rewards/accuracies"] = logps - self.ref.eval
-        for key, score in scores.items():
-            acc = pair_accuracy(split, score)
-            if acc is not None:
-                out[key] = acc
-        return out if initial and not self.cfg.eval.before_training else out | self.evaluate_generation(step)
+        return sums.means(), logps
+
+    def eval_logps(self, source: str) -> torch.Tensor:
+        """(N,) log-probs of every held-out example, as the reference pass computes them: a prompt
+        once for all its completions (a pair's two sides), no KL partners, no loss."""
+        if source == "reference":
+            return self.ref.eval.clone()
+        split = self.splits["eval"]
+        run = Runner(self.pad_id, self.device, self.autocast, self.cfg.trainer.eval_batch_size, self.backend,
+                     self.layout)
+        return logps_of(self.model, [split.sequence(i) for i in range(len(split))], run)[0]
 
     def evaluate_generation(self, step: int) -> dict:
         """eval/gen/*: every rank generates the same answers (under ZeRO-3 in step, each forward
@@ -430,7 +452,9 @@ class Trainer:
         """Held-out metrics of the initial policy; a resumed run reads them from its log."""
         if start_step > 0:
             return MetricsLog.first_in(self.run_dir / "metrics.jsonl", "eval")
-        before = self.evaluate(0, initial=True) if "eval" in self.splits else {}
+        free = self.need.reference and not self.need.value_head  # the pre-pass holds the initial log-probs
+        wanted = self.cfg.eval.before_training or free
+        before = self.evaluate(0, initial=True) if "eval" in self.splits and wanted else {}
         self.log_metrics(0, "eval", before)
         return before
 

@@ -126,3 +126,25 @@ def test_truncated_prompts_stay_shared(tmp_path, loss):
         train(make_config(*TINY, f"loss={loss}", "trainer.lr=1e-3", *short, *overrides), tmp_path / name)
         runs[name] = [r["loss"] for r in read_metrics(tmp_path / name, "train")]
     assert runs["shared"] == pytest.approx(runs["separate"], abs=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["kto", "sft"])
+def test_held_out_log_probs_without_the_loss_equal_those_with_it(tmp_path, loss):
+    """eval.loss_metrics=false computes the held-out log-probs as the reference pass does (a prompt
+    once for all its completions, no KL partners): the same values as the loss's micro-batches, so
+    the same accuracies; KTO's reference pass then skips the held-out KL partners."""
+    trainers = {}
+    for metrics in ("true", "false"):
+        tr = trainers[metrics] = Trainer(make_config(*TINY, f"loss={loss}", f"eval.loss_metrics={metrics}"),
+                                         tmp_path / metrics)
+        tr.setup()  # the policy as loaded: the same weights in both
+    with_loss, without = trainers["true"], trainers["false"]
+    with torch.no_grad():  # as evaluate() runs them
+        _, expected = with_loss.eval_loss("policy")
+        assert without.eval_logps("policy") == pytest.approx(expected, abs=1e-4)
+    with_metrics, only = with_loss.evaluate(1), without.evaluate(1)
+    assert "loss" in with_metrics and "loss" not in only
+    for key in ("logps/accuracies", "rewards/accuracies"):
+        assert only.get(key) == with_metrics.get(key), key
+    if loss == "kto":
+        assert with_loss.ref.eval_kl is not None and without.ref.eval_kl is None

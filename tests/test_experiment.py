@@ -99,7 +99,9 @@ def test_paper_claims_runs_end_to_end_on_the_tiny_model_and_resumes(tmp_path, ca
         run = out / "kto" / kto["chosen"] / f"seed{seed}"
         summary = json.loads((run / "summary.json").read_text())
         assert summary["eval_after"]["gen/score"] == kto["seeds"][str(seed)]["score"]
-        assert "gen/score" not in summary["eval_before"] and "logps/chosen" in summary["eval_before"]  # before_training=false
+        # before_training=false, loss_metrics=false: at step 0 only the accuracies the reference pass gives
+        assert set(summary["eval_before"]) == {"logps/accuracies", "rewards/accuracies"}
+        assert "loss" not in summary["eval_after"] and "rewards/accuracies" in summary["eval_after"]
         config = yaml.safe_load((run / "config.yaml").read_text())
         sft = spec.arms["sft"]
         sft_dir = out / "sft" / point_name(Experiment(spec, out, []).chosen(sft)) / f"seed{seed}" / "final"

@@ -123,7 +123,8 @@ def test_generation_eval_writes_samples_and_survives_a_raising_verifier(tmp_path
 
 @pytest.mark.slow
 def test_a_run_nobody_resumes_skips_the_first_answers_and_the_last_checkpoint(tmp_path):
-    """eval.before_training=false: no generation at step 0 (the log-prob metrics stay);
+    """eval.before_training=false: no generation at step 0 (the log-prob metrics the reference
+    pass holds stay; a loss without a reference evaluates nothing at step 0);
     trainer.final_checkpoint=false: final/ but no optimizer state."""
     from kto_cli.evaluate import read_samples
     summary = train(make_config(*TINY, "trainer.max_steps=2", "eval.generation.max_new_tokens=2",
@@ -132,6 +133,10 @@ def test_a_run_nobody_resumes_skips_the_first_answers_and_the_last_checkpoint(tm
     assert "gen/score" not in summary["eval_before"] and "rewards/margins" in summary["eval_before"]
     assert "gen/score" in summary["eval_after"]
     assert (tmp_path / "final" / "config.json").is_file() and not (tmp_path / "checkpoints").exists()
+    sft = train(make_config(*TINY, "loss=sft", "trainer.max_steps=1", "eval.generation.max_new_tokens=2",
+                            "eval.before_training=false"), tmp_path / "sft")
+    assert sft["eval_before"] == {} and "logps/chosen" in sft["eval_after"]
+    assert [m["step"] for m in read_metrics(tmp_path / "sft", "eval")] == [1]
 
 
 def test_a_row_without_what_the_verifier_needs_stops_before_the_model_loads(tmp_path, monkeypatch):
