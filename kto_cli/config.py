@@ -200,7 +200,9 @@ class EvalConfig:
     before_training: bool = True
     # false: the held-out log-prob and implicit-reward accuracies alone, from one no-grad pass that
     # computes each prompt once for all its completions; no loss, margins or KL (KTO's KL partners
-    # of held-out examples are then neither run nor looked up in the reference pass)
+    # of held-out examples are then neither run nor looked up in the reference pass). The implicit
+    # reward is then log pi - log pi_ref summed over the answer, for every loss with a reference
+    # (a loss's own reward, e.g. ipo's length-normalised one, needs its loss metrics)
     loss_metrics: bool = True
     max_prompts: Optional[int] = None  # the first N distinct held-out prompts; null: all
     # kto-eval: the model to evaluate (a run's final/ folder or a hub name); null: the `model` group's

@@ -73,8 +73,8 @@ class MetricsLog:
 
     @staticmethod
     def first_in(path: Path, split: str) -> dict:
-        """The first logged record of a split, without its prefix, step and time ({} if none)."""
-        records = read_metrics(path, split)
+        """A split's record at step 0, without its prefix, step and time ({} if none was logged)."""
+        records = [r for r in read_metrics(path, split) if r["step"] == 0]
         return {k: v for k, v in records[0].items() if k not in ("step", "time")} if records else {}
 
     def close(self) -> None:

@@ -153,6 +153,13 @@ class Trainer:
             with self.autocast() if loose else contextlib.nullcontext():
                 return max(dist.gather(float(self.backend(logprobs.check_layout, groups, self.pad_id, lay, mean=loose))))
         diff = difference(layout)
+        if diff <= tolerance and self.layout.shared_prompt and not (need.kl or need.paired) \
+                and ((need.reference and not need.per_token) or not self.cfg.eval.loss_metrics):
+            # the reference pass and eval.loss_metrics=false run a prompt once for several completions
+            # although this loss does not: check those rows too, an example and its KL partner each
+            groups = [(split.sequence(u)[0], [split.sequence(u)[1], split.kl_sequence(u)[1]]) for u in mine]
+            layout = replace(self.layout, capacity=None)
+            diff = difference(layout)
         if diff <= tolerance:
             log.info("start-up check: log-probs as trained equal a plain forward (difference %.2g nats per token)", diff)
             return
@@ -254,7 +261,8 @@ class Trainer:
         fp = fingerprint(self.cfg)
         used = {name: (split, self.used_examples(name)) for name, split in self.splits.items()}
         ref = reference_mod.load(path, fp) if self.cfg.trainer.resume else None
-        complete = ref is not None and all(not ref.seq(n)[idx].isnan().any() for n, (_, idx) in used.items())
+        complete = ref is not None and all(not ref.seq(n)[idx].isnan().any() for n, (_, idx) in used.items()) \
+            and all(ref.kl(n) is not None and not ref.kl(n)[used[n][1]].isnan().any() for n in self.kl_splits())
         if dist.broadcast(complete):  # every rank decides as rank 0 does
             log.info("reference log-probs: reused %s", path)
             return ref

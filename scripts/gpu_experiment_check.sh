@@ -4,7 +4,7 @@
 # from a config, no download) with SmolLM2's tokenizer, under the experiment's own overrides: the
 # SFT arm's run (40 steps), a KTO and a DPO arm's run (32 steps), each scored on arith_test (400
 # questions: log-probs and greedy answers), and the 200-question validation scoring of the KTO
-# model. Random weights never stop early, so their answers run to the 32-token limit: generation
+# model. Random weights never stop early, so their answers run to the spec's token limit: generation
 # times are upper bounds. First, the experiment end to end (2 seeds, 4 steps a run) on a 2-layer model.
 #
 #     TOKENIZER=RUN/final bash scripts/gpu_experiment_check.sh     # any folder with SmolLM2's tokenizer
@@ -17,7 +17,9 @@ RUNS=${RUNS:-$(mktemp -d)}  # run dirs (a 7B run's final/ is 27 GB)
 mkdir -p "$OUT" "$RUNS"
 export KTO_CLI_CACHE=$RUNS/cache
 MODEL=(model=tiny_smollm2 model.name_or_path="$TOKENIZER" model.gguf_file=null trainer.progress=false)
-EXP=(recipe=none dataset.eval=package:arith_test.jsonl eval.before_training=false trainer.final_checkpoint=false)
+# the spec's own overrides and validation ones, so the runs here are the experiment's
+EXP=($(python3 -c "from kto_cli.experiment import load_spec; print(' '.join(load_spec('paper_claims').overrides))"))
+VALIDATION=($(python3 -c "from kto_cli.experiment import load_spec; print(' '.join(load_spec('paper_claims').validation))"))
 shape() {
   case $1 in
     1b) echo model.tiny.hidden_size=2048 model.tiny.num_layers=16 model.tiny.num_heads=16 model.tiny.intermediate_size=5632 ;;
@@ -59,7 +61,7 @@ for s in $SHAPES; do
     train "$s-$arm" $(shape "$s") loss=$arm trainer.max_steps=$steps
     if [ "$arm" = kto ]; then
       start=$(date +%s)
-      kto-eval "${MODEL[@]}" "${EXP[@]}" $(shape "$s") dataset.eval=package:arith_val.jsonl eval.max_prompts=200 \
+      kto-eval "${MODEL[@]}" "${EXP[@]}" $(shape "$s") "${VALIDATION[@]}" \
         eval.model="$RUNS/$s-kto/final" hydra.run.dir="$RUNS/$s-kto/validation" > "$RUNS/$s-kto-val.log" 2>&1
       echo $(( $(date +%s) - start )) > "$RUNS/$s-kto/validation/seconds"
     fi

@@ -60,6 +60,22 @@ def test_same_seed_same_losses_and_resume_continues_them(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_resumed_run_computes_what_its_evaluation_now_needs(tmp_path):
+    """A KTO run checkpointed under eval.loss_metrics=false saved no held-out KL partners: resumed
+    with the loss metrics, its reference pass is incomplete and runs again. An sft run that
+    evaluated nothing at step 0 reports nothing before training when resumed."""
+    short = [*TINY, "trainer.max_steps=2", "trainer.save_every=1", "eval.generate=false"]
+    first = train(make_config(*short, "eval.loss_metrics=false"), tmp_path / "kto")
+    assert "loss" not in first["eval_after"]
+    shutil.rmtree(tmp_path / "kto" / "checkpoints" / "step_0000002")
+    again = train(make_config(*short, "trainer.resume=auto"), tmp_path / "kto")
+    assert "kl" in again["eval_after"] and again["eval_after"]["logps/accuracies"] == first["eval_after"]["logps/accuracies"]
+    sft = [*short, "loss=sft", "eval.before_training=false"]
+    train(make_config(*sft), tmp_path / "sft")
+    shutil.rmtree(tmp_path / "sft" / "checkpoints" / "step_0000002")
+    assert train(make_config(*sft, "trainer.resume=auto"), tmp_path / "sft")["eval_before"] == {}
+
+@pytest.mark.slow
 def test_imbalanced_data_warns_and_auto_weight_fixes_it(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="kto_cli")
     imbalanced = [*TINY, "dataset.max_train_rows=40", "dataset.desirable_fraction=0.25", "trainer.max_steps=1"]
