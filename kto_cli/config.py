@@ -174,6 +174,9 @@ class VerifierConfig:
     options_field: str = "options"  # choice: the row field listing the options
     pattern: Optional[str] = None  # regex; {answer} stands for the reference
     target: Optional[str] = None  # python: module:function, called with (prompt, completion, row)
+    # python: a call that takes longer scores 0, the error recorded (a hanging check must not stop
+    # the run); null: no limit. Checked in the main thread only (SIGALRM), as kto-train calls it.
+    timeout_s: Optional[float] = 10.0
     # reward_model: a sequence-classification model (folder or hub name); its score is the
     # probability it gives the completion (sigmoid of one logit, or softmax of the last of several)
     model: Optional[str] = None

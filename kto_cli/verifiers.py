@@ -6,9 +6,12 @@ Each needs some field of the row (the reference answer); `check_rows` says which
 before any model loads. A verifier that raises on one completion scores it 0 and records why; one
 that returns something other than a bool or a number in [0, 1] is a mistake named in one line.
 """
+import contextlib
 import importlib
 import math
 import re
+import signal
+import threading
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
@@ -38,17 +41,42 @@ def reference(row: dict, field: str):
     return chosen
 
 
+class VerifierTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: Optional[float]):
+    """Raises VerifierTimeout in the block once `seconds` pass (Python code only: a call blocked in
+    C returns first). No limit off the main thread or where SIGALRM does not exist."""
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def stop(signum, frame):
+        raise VerifierTimeout(f"took over {seconds:g} s (verifier.timeout_s)")
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @dataclass
 class Verifier:
     name: str
     fn: Callable  # (prompt, completion, row) -> bool | float
     needs: tuple = ()  # row fields one of which must be present (the reference)
     threshold: float = 0.5  # a score at or above it passes (pass@k, labels)
+    timeout_s: Optional[float] = None  # a call that takes longer raises VerifierTimeout
 
     def score(self, prompt, completion: str, row: dict) -> tuple:
-        """(score in [0, 1], detail): a raising verifier scores 0 and the detail says why."""
+        """(score in [0, 1], detail): a raising (or timed-out) verifier scores 0 and the detail says why."""
         try:
-            value = self.fn(prompt, completion, row)
+            with time_limit(self.timeout_s):
+                value = self.fn(prompt, completion, row)
         except Exception as e:  # one bad completion must not end the run
             return 0.0, f"error: {type(e).__name__}: {e}"
         if isinstance(value, bool):
@@ -166,7 +194,9 @@ def named_verifier(cfg: VerifierConfig) -> Verifier:
     if cfg.name == "python":
         if not cfg.target:
             raise UserError("verifier=python needs verifier.target=module:function")
-        return Verifier(f"python {cfg.target}", imported(cfg.target), ())
+        if cfg.timeout_s is not None and cfg.timeout_s <= 0:
+            raise UserError(f"verifier.timeout_s must be positive (or null: no limit), got {cfg.timeout_s}")
+        return Verifier(f"python {cfg.target}", imported(cfg.target), (), timeout_s=cfg.timeout_s)
     if cfg.name == "reward_model":
         if not cfg.model:
             raise UserError("verifier=reward_model needs verifier.model=FOLDER_OR_HUB_NAME")

@@ -1,4 +1,6 @@
 """Every verifier on hand-made rows; bad configs and rows are one line; a raising verifier scores 0."""
+import time
+
 import pytest
 
 from kto_cli.config import UserError, VerifierConfig
@@ -52,6 +54,27 @@ def broken(prompt, completion, row):
 
 def out_of_range(prompt, completion, row):
     return 3
+
+
+def hangs(prompt, completion, row):
+    """Passes after 3 s: the test fails, rather than hangs, if nothing stops it sooner."""
+    until = time.perf_counter() + 3
+    while time.perf_counter() < until:
+        time.sleep(0.01)
+    return True
+
+
+def test_a_hanging_python_verifier_times_out_and_scores_zero():
+    """verifier.timeout_s stops a check that never returns: that completion scores 0 with the
+    reason recorded, and the next one is scored as usual (the timer is disarmed)."""
+    started = time.perf_counter()
+    value, detail = score("python", "x", {}, target=f"{__name__}:hangs", timeout_s=0.2)
+    assert value == 0.0 and detail == "error: VerifierTimeout: took over 0.2 s (verifier.timeout_s)"
+    assert time.perf_counter() - started < 2
+    assert score("python", "x", {}, target=f"{__name__}:always_half", timeout_s=0.2) == (0.5, "")
+    time.sleep(0.3)  # a timer left armed would fire here
+    with pytest.raises(UserError, match="verifier.timeout_s must be positive"):
+        make_verifier(VerifierConfig(name="python", target=f"{__name__}:always_half", timeout_s=0))
 
 
 def test_python_target_errors_and_bad_values():
