@@ -137,7 +137,11 @@ def test_held_out_log_probs_without_the_loss_equal_those_with_it(tmp_path, loss)
     for metrics in ("true", "false"):
         tr = trainers[metrics] = Trainer(make_config(*TINY, f"loss={loss}", f"eval.loss_metrics={metrics}"),
                                          tmp_path / metrics)
-        tr.setup()  # the policy as loaded: the same weights in both
+        tr.setup()
+        torch.manual_seed(1)  # the same nudge in both: the policy is no longer the reference
+        with torch.no_grad():
+            for w in tr.model.parameters():
+                w.add_(0.01 * torch.randn_like(w))
     with_loss, without = trainers["true"], trainers["false"]
     with torch.no_grad():  # as evaluate() runs them
         _, expected = with_loss.eval_loss("policy")
