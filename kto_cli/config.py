@@ -183,11 +183,24 @@ class VerifierConfig:
     threshold: float = 0.5  # where a yes/no is needed (pass@k), a score at or above it passes
 
 
+class OnlineReference(Enum):
+    initial = "initial"  # the policy before the first round (the SFT model, with an SFT phase)
+    round = "round"  # the policy at the start of each round
+
+
 @dataclass
 class OnlineConfig:
-    """On-policy training data (kto_cli/online.py): the policy (after the SFT phase, if any) answers
-    training prompts and the verifier labels each answer; the loss trains on those answers."""
-    prompts: int = 0  # distinct training prompts to answer, a seeded choice; 0: train on the dataset's completions
+    """On-policy training (kto_cli/online.py), in rounds: the policy answers training prompts, the
+    verifier labels each answer, and the loss trains on that round's answers."""
+    prompts: int = 0  # distinct training prompts answered each round (a seeded choice per round); 0: train on the dataset's completions
+    rounds: int = 1
+    # Optimizer steps on each round's answers; null: trainer.max_steps split evenly over the rounds,
+    # or, without it, trainer.epochs passes over a round's prompts x generation.n answers
+    steps_per_round: Optional[int] = None
+    # What each round's reference log-probs come from (computed once per round, by the policy's
+    # own model with those weights swapped in: no second model is held)
+    reference: OnlineReference = OnlineReference.initial
+    eval_each_round: bool = True  # evaluate on the held-out prompts at the end of every round
     # how: generation.n answers per prompt, sampled at generation.temperature
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(temperature=1.0, n=4))
 
@@ -315,7 +328,7 @@ def validate(run: RunConfig) -> None:
     _check(t.max_steps is None or t.max_steps > 0, "trainer.max_steps must be positive or null")
     _check(t.epochs > 0, f"trainer.epochs must be positive, got {t.epochs}")
     _check(t.sft_steps >= 0, f"trainer.sft_steps must be 0 or positive, got {t.sft_steps}")
-    _check(run.online.prompts >= 0, f"online.prompts must be 0 or positive, got {run.online.prompts}")
+    check_online(run)
     for name, g in (("eval", run.eval.generation), ("online", run.online.generation)):
         _check(g.n > 0 and g.max_new_tokens > 0 and g.batch_size > 0 and g.temperature >= 0 and 0 < g.top_p <= 1,
                f"{name}.generation: n, max_new_tokens and batch_size must be positive, temperature >= 0, "
@@ -336,6 +349,21 @@ def validate(run: RunConfig) -> None:
     _check(ds.stage is not None or not ds.extra, "deepspeed.extra needs a ZeRO stage (e.g. deepspeed=zero2)")
     from .objectives import objective_class
     objective_class(run.loss).validate(run.loss)
+
+
+def check_online(run: RunConfig) -> None:
+    o, t = run.online, run.trainer
+    _check(o.prompts >= 0, f"online.prompts must be 0 or positive, got {o.prompts}")
+    _check(o.rounds >= 1, f"online.rounds must be positive, got {o.rounds}")
+    _check(o.steps_per_round is None or o.steps_per_round > 0, "online.steps_per_round must be positive or null")
+    _check(o.prompts > 0 or (o.rounds == 1 and o.steps_per_round is None), "online.rounds and online.steps_per_round "
+           "need online.prompts > 0 (the training prompts each round's answers are sampled for)")
+    _check(o.steps_per_round is not None or t.max_steps is None or t.max_steps % o.rounds == 0,
+           f"trainer.max_steps={t.max_steps} does not split evenly into online.rounds={o.rounds}: "
+           "set online.steps_per_round")
+    _check(o.reference == OnlineReference.round or o.rounds == 1 or run.deepspeed.stage != 3,
+           "online.reference=initial swaps the initial weights in for each round's reference pass, which "
+           "kto-cli does not do under ZeRO-3: use online.reference=round or ZeRO stage 0-2")
 
 
 def config_digest(cfg: RunConfig, groups: tuple = ()) -> str:

@@ -418,3 +418,43 @@ def build_splits(cfg: DatasetConfig, tokenizer, use_chat_template: bool, kl_bloc
     train_split = tokenize(train, tokenizer, use_chat_template, cfg, seed, kl_block)
     eval_split = tokenize(evals, tokenizer, use_chat_template, cfg, seed + 1, kl_block) if evals else None
     return train_split, eval_split, report
+
+
+def held_out_split(cfg: DatasetConfig, tokenizer, use_chat_template: bool, kl_block: int = 1) -> Optional[Split]:
+    """The eval Split alone, as build_splits makes it (None without one): for runs whose training
+    data are made later (online rounds)."""
+    seed = 0 if cfg.seed is None else cfg.seed
+    if cfg.eval:
+        evals = load_examples(cfg.eval, cfg.eval_split, cfg.skip_bad_rows, cfg.max_eval_rows)[0]
+    elif cfg.eval_fraction > 0:
+        evals = hold_out(load_examples(cfg.train, cfg.train_split, cfg.skip_bad_rows, cfg.max_train_rows)[0],
+                         cfg.eval_fraction, seed)[1]
+    else:
+        return None
+    evals = pair_by_prompt(evals) if cfg.pair_by_prompt else evals
+    return tokenize(evals, tokenizer, use_chat_template, cfg, seed + 1, kl_block)
+
+
+def load_prompts(cfg: DatasetConfig, tokenizer, use_chat_template: bool) -> Split:
+    """The distinct prompts of the training rows, tokenized as training conditions on them, for the
+    policy to answer (online rounds): any row with a 'prompt' serves (paired, unpaired or prompt
+    only), and goes with it to the verifier. Held-out prompts (dataset.eval_fraction) are left out."""
+    name, rows = read_rows(cfg.train, cfg.train_split)
+    examples = []
+    for n, row in rows[:cfg.max_train_rows]:
+        where = f"{name}: row {n}"
+        try:
+            if not isinstance(row, dict):
+                raise UserError(f"{where}: expected an object with fields, got {type(row).__name__}")
+            prompt = _check_text(row.get("prompt"), "prompt", where, completion=False)
+        except UserError:
+            if not cfg.skip_bad_rows:
+                raise
+            continue
+        examples.append(Example(prompt, " ", True, None, where, row))  # the completion is a placeholder
+    if not examples:
+        raise UserError(f"{name}: no usable rows")
+    seed = 0 if cfg.seed is None else cfg.seed
+    if not cfg.eval and cfg.eval_fraction > 0:
+        examples = hold_out(examples, cfg.eval_fraction, seed)[0]
+    return tokenize([examples[i] for i in distinct_prompts(examples)], tokenizer, use_chat_template, cfg, seed)

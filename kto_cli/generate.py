@@ -65,36 +65,46 @@ def shared_prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, n: int):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list, cfg: GenerationConfig, device=None, synced: bool = False) -> list:
+def generate(model, tokenizer, prompts: list, cfg: GenerationConfig, device=None, synced: bool = False,
+             shard: tuple = (0, 1)) -> list:
     """cfg.n samples for each prompt (lists of token ids), in prompt order: greedy when
-    cfg.temperature is 0, else seeded sampling with temperature and top_p. Prompts of similar length
+    cfg.temperature is 0, else sampling with temperature and top_p. Prompts of similar length
     share a batch (less padding) of cfg.batch_size samples; a prompt's n samples share its forward.
+    Each batch is seeded by cfg.seed and its place in that order, so its samples do not depend on
+    which process makes them: shard = (rank, ranks) makes batches rank, rank + ranks, ... only.
     synced: several ranks of a ZeRO-3 model generate together (each forward gathers parameters
     collectively), so every rank steps until all have finished."""
     device = device or next(model.parameters()).device
-    pad, stops, n = tokenizer.pad_token_id, stop_ids(tokenizer), cfg.n
     order = [i for _, i in sorted((len(p), i) for i, p in enumerate(prompts))]
-    per_batch = max(1, cfg.batch_size // n)
-    sampling = cfg.temperature > 0
-    options = dict(do_sample=sampling, max_new_tokens=cfg.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
-                   temperature=cfg.temperature if sampling else None, top_p=cfg.top_p if sampling else None,
-                   top_k=None, synced_gpus=synced)
+    per_batch = max(1, cfg.batch_size // cfg.n)
+    batches = [order[start:start + per_batch] for start in range(0, len(order), per_batch)]
     was_training = model.training
     model.eval()
     samples = []
     cuda = torch.device(device).type == "cuda"
     with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []):
-        torch.manual_seed(cfg.seed)
-        for start in range(0, len(order), per_batch):
-            idx = order[start:start + per_batch]
-            ids, mask = left_padded([prompts[i] for i in idx], pad, device)  # (B, T)
-            cache = shared_prompt_cache(model, ids, mask, n) if n > 1 and ids.shape[1] > 1 else None
-            ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)  # (B n, T)
-            shared = {} if cache is None else {CACHE_KWARG: cache}
-            out = model.generate(input_ids=ids, attention_mask=mask, **shared, **options)[:, ids.shape[1]:]  # (B n, new)
-            for i, row in zip((i for i in idx for _ in range(n)), out.tolist()):
-                new = until_stop(row, set(stops))
-                text = tokenizer.decode(new, skip_special_tokens=True).strip()
-                samples.append(Sample(i, text, len(new), bool(new) and new[-1] in stops))
+        for b in range(shard[0], len(batches), shard[1]):
+            torch.manual_seed(cfg.seed * 100_003 + b)
+            samples += generate_batch(model, tokenizer, [prompts[i] for i in batches[b]], batches[b], cfg, device, synced)
     model.train(was_training)
     return sorted(samples, key=lambda s: s.prompt)  # stable: a prompt's samples keep their order
+
+
+def generate_batch(model, tokenizer, prompts: list, idx: list, cfg: GenerationConfig, device, synced: bool) -> list:
+    """cfg.n Samples for each of one batch's prompts (idx: their indices)."""
+    pad, stops, n = tokenizer.pad_token_id, stop_ids(tokenizer), cfg.n
+    sampling = cfg.temperature > 0
+    options = dict(do_sample=sampling, max_new_tokens=cfg.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
+                   temperature=cfg.temperature if sampling else None, top_p=cfg.top_p if sampling else None,
+                   top_k=None, synced_gpus=synced)
+    ids, mask = left_padded(prompts, pad, device)  # (B, T)
+    cache = shared_prompt_cache(model, ids, mask, n) if n > 1 and ids.shape[1] > 1 else None
+    ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)  # (B n, T)
+    shared = {} if cache is None else {CACHE_KWARG: cache}
+    out = model.generate(input_ids=ids, attention_mask=mask, **shared, **options)[:, ids.shape[1]:]  # (B n, new)
+    samples = []
+    for i, row in zip((i for i in idx for _ in range(n)), out.tolist()):
+        new = until_stop(row, set(stops))
+        text = tokenizer.decode(new, skip_special_tokens=True).strip()
+        samples.append(Sample(i, text, len(new), bool(new) and new[-1] in stops))
+    return samples

@@ -70,6 +70,7 @@ class MetricsLog:
             kept = [json.dumps(r) for r in read_metrics(path) if r["step"] <= resume_step]
         self.f = open(path, "w", encoding="utf-8")
         self.f.writelines(line + "\n" for line in kept)
+        self.f.flush()  # readers (an online round's record check) see the kept records at once
 
     @staticmethod
     def first_in(path: Path, split: str) -> dict:

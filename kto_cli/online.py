@@ -1,22 +1,33 @@
-"""On-policy training data: the policy answers training prompts, the verifier labels each answer
-desirable (score >= verifier.threshold) or not, and the loss trains on those labelled answers.
-KTO needs nothing more than that yes/no; sft trains on the passing answers (rejection sampling);
-paired losses pair a prompt's passing and failing answers.
+"""Online training in rounds: each round the policy answers online.prompts training prompts
+(online.generation.n sampled answers each), the verifier labels every answer desirable (score >=
+verifier.threshold) or not, and the loss trains online.steps_per_round steps on that round's
+answers. KTO needs nothing more than that yes/no; sft trains on the passing answers (rejection
+sampling); paired losses pair a prompt's passing and failing answers.
 
-    kto-train online.prompts=128 online.generation.n=4      # the default job does this after its SFT phase
+    kto-train online.prompts=128 online.rounds=4 online.steps_per_round=16     # online KTO
+    kto-train online.prompts=128 online.rounds=4 online.steps_per_round=16 loss=dpo online.reference=round
+
+RUN/rounds/N/samples.jsonl holds round N's answers that are trained on (prompt, completion, label,
+score, detail), round.json what its sampling gave, reference_logps.safetensors their reference
+log-probs; a resumed run reads them back instead of sampling again.
 """
+import contextlib
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from . import distributed as dist
-from .config import RunConfig, UnpairMode, UserError
-from .data import distinct_prompts
-from .files import atomic_write
+from . import objectives
+from .config import OnlineReference, RunConfig, UnpairMode, UserError
+from .data import build_splits, distinct_prompts, held_out_split, load_prompts
+from .files import atomic_write, read_jsonl
 from .generate import generate
+from .metrics import read_metrics
+from .train import Trainer
 from .verifiers import check_rows, make_verifier
 
 log = logging.getLogger("kto_cli")
@@ -28,64 +39,167 @@ def chosen_prompts(split, count: int, seed: int) -> list:
     return sorted(random.Random(seed).sample(first, min(count, len(first))))
 
 
-def labelled_rows(cfg: RunConfig, run_dir: Path) -> list:
-    """The policy's answers to cfg.online.prompts training prompts, as (prompt, completion, label) rows."""
-    from .models import load_model
-    from .objectives.sft import SFTLossConfig
-    from .train import Trainer, pick_device
-    # the prompts as tokenized for plain SFT: no control tokens (csft's), which the model has not learned
-    tr = Trainer(replace(cfg, loss=SFTLossConfig()), run_dir)
-    tr.load_inputs()
-    split, verifier = tr.splits["train"], make_verifier(cfg.verifier)
-    picked = chosen_prompts(split, cfg.online.prompts, cfg.trainer.seed)
-    check_rows(verifier, [(split.examples[i].where, split.examples[i].row or {}) for i in picked])
-    model = load_model(cfg.model, tr.tokenizer).to(pick_device(cfg.trainer.device))
-    with tr.autocast():
-        samples = generate(model, tr.tokenizer, [split.sequence(i)[0] for i in picked], cfg.online.generation)
-    rows, left_out = [], 0
-    for s in samples:
-        # Trained on, an answer ends with the end of the turn: one cut at max_new_tokens would teach
-        # (or, labelled wrong, unteach) stopping where the model did not stop; an empty one has no tokens.
-        if not s.text or not s.finished:
-            left_out += 1
-            continue
-        e = split.examples[picked[s.prompt]]
-        score, detail = verifier.score(e.prompt, s.text, e.row or {})
-        rows.append({"prompt": e.prompt, "completion": s.text, "label": score >= verifier.threshold,
-                     "score": score, "detail": detail})
-    if not rows:
-        raise UserError(f"online: all {left_out} answers were empty or cut at online.generation.max_new_tokens="
-                        f"{cfg.online.generation.max_new_tokens}: nothing to train on; raise it")
-    if left_out:
-        log.info("online: %d answers left out (empty, or cut at online.generation.max_new_tokens)", left_out)
-    return rows
-
-
-def online_data(cfg: RunConfig, run_dir: Path) -> RunConfig:
-    """The run's config training on on-policy answers, sampled once into run_dir/online/train.jsonl
-    (rank 0 samples and writes it; a resumed run reads it back)."""
-    if dist.env_ranks()[2] > 1 and cfg.deepspeed.stage is not None:
-        from .backend import init_deepspeed_distributed
-        init_deepspeed_distributed()  # rank 0 samples, the others wait for its file
-    path = run_dir / "online" / "train.jsonl"
-    if dist.is_main() and not (cfg.trainer.resume and path.is_file()):
-        started = time.perf_counter()
-        rows = labelled_rows(cfg, run_dir)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"))
-        passed = sum(r["label"] for r in rows)
-        log.info("online: %d answers to %d training prompts in %.0f s, %d (%.1f%%) pass the verifier: %s",
-                 len(rows), cfg.online.prompts, time.perf_counter() - started, passed,
-                 100 * passed / max(1, len(rows)), path)
-        if passed in (0, len(rows)):
-            log.warning("online: every answer is labelled %s: the loss sees one kind only", bool(passed))
-    dist.barrier()
-    path = Path(dist.broadcast(str(path)))
-    data = replace(cfg.dataset, train=str(path), train_split="train", max_train_rows=None, unpair=UnpairMode.both,
-                   pair_by_prompt=cfg.dataset.pair_by_prompt or needs_pairs(cfg))
-    return replace(cfg, dataset=data, online=replace(cfg.online, prompts=0))
+def round_steps(cfg: RunConfig) -> int:
+    """Optimizer steps per round: online.steps_per_round, else trainer.max_steps split evenly over
+    the rounds, else trainer.epochs passes over a round's prompts x n answers."""
+    o, t = cfg.online, cfg.trainer
+    if o.steps_per_round:
+        return o.steps_per_round
+    if t.max_steps:
+        return t.max_steps // o.rounds
+    return max(1, math.ceil(t.epochs * o.prompts * o.generation.n / t.batch_size))
 
 
 def needs_pairs(cfg: RunConfig) -> bool:
-    from .objectives import objective_class
-    return objective_class(cfg.loss).needs.paired
+    return objectives.objective_class(cfg.loss).needs.paired
+
+
+class OnlineTrainer(Trainer):
+    """A Trainer whose training data are its policy's own labelled answers, made afresh each round.
+    The reference of a round's answers is the initial policy (online.reference=initial), its
+    weights swapped in for the pass, or the policy at the round's start (round); either way its
+    log-probs are computed once per round and no second model is held."""
+
+    def load_data(self) -> dict:
+        """The training prompts (self.prompts, checked against the verifier before any model loads)
+        and the held-out split; each round's answers become the train split."""
+        cfg = self.cfg
+        self.prompts = load_prompts(cfg.dataset, self.tokenizer, cfg.model.use_chat_template)
+        self.verifier = make_verifier(cfg.verifier)
+        check_rows(self.verifier, [(e.where, e.row or {}) for e in self.prompts.examples])
+        held = held_out_split(cfg.dataset, self.tokenizer, cfg.model.use_chat_template, cfg.trainer.micro_batch_size)
+        self.per_round, self.round, self.start, self.initial = round_steps(cfg), None, 0, None
+        return {"eval": held} if held is not None else {}
+
+    def total_steps(self) -> int:
+        return self.cfg.online.rounds * self.per_round
+
+    def use_data(self, span=None, reference_file: str = "", cache: bool = True) -> None:
+        """At set-up (span None) the rounds bring the data: only the initial weights are kept (on the
+        CPU) when later reference passes need them back; each round calls the Trainer's."""
+        if span is not None:
+            return super().use_data(span, reference_file, cache)
+        o = self.cfg.online
+        if self.need.reference and o.reference == OnlineReference.initial and (o.rounds > 1 or self.cfg.trainer.resume):
+            self.initial = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def resume(self) -> int:
+        self.start = super().resume()
+        return self.start
+
+    def ready(self, step: int, preemption) -> bool:
+        """Enters the round of `step` (its answers sampled, or read back); whether it has data to train on."""
+        r = step // self.per_round
+        if r != self.round:
+            self.enter_round(r, preemption)
+        return bool(self.units["train"])
+
+    def eval_due(self, done: int) -> bool:
+        return super().eval_due(done) or (self.cfg.online.eval_each_round and done % self.per_round == 0)
+
+    # ---------------------------------------------------------------- a round
+
+    def enter_round(self, r: int, preemption) -> None:
+        """Round r's answers as the train split, with its reference log-probs. Sampled unless an
+        earlier attempt of this run wrote them; a signal during sampling stops the run with the
+        checkpoint of the round's first step, so a resumed run starts with these answers."""
+        folder = self.run_dir / "rounds" / str(r + 1)
+        if not dist.broadcast((folder / "samples.jsonl").is_file()):
+            self.sample_round(r, folder)
+            if preemption.requested():
+                self.stop(r * self.per_round, preemption)
+        first_round, self.round = self.round is None, r
+        self.log_round(r, folder)
+        split = self.round_split(folder / "samples.jsonl")
+        self.splits["train"], self.units["train"] = split, objectives.units(split, self.need) if split else []
+        if not self.units["train"]:
+            log.warning("online round %d: no %s among its answers: its %d steps are skipped", r + 1,
+                        "pairs of a passing and a failing answer to one prompt" if self.need.paired else
+                        "passing answers" if self.need.desirable_only else "answers", self.per_round)
+            return
+        held = {"eval": self.splits["eval"]} if first_round and "eval" in self.splits else {}
+        self.objective.prepare({"train": split} | held, self.tokenizer,
+                               (sum(e.desirable for e in split.examples), sum(not e.desirable for e in split.examples)))
+        initial = self.cfg.online.reference == OnlineReference.initial
+        swap = initial and self.initial is not None and (r > 0 or self.start > 0)
+        with self.initial_weights() if swap else contextlib.nullcontext():
+            self.use_data((r * self.per_round, self.per_round, self.cfg.trainer.seed + r),
+                          f"rounds/{r + 1}/reference_logps.safetensors", cache=initial or r == 0)
+
+    def sample_round(self, r: int, folder: Path) -> None:
+        """The policy's answers to round r's prompts, each rank its share of the batches (under
+        ZeRO-3 all ranks make all, in step), labelled by the verifier; rank 0 writes them."""
+        o, started = self.cfg.online, time.perf_counter()
+        picked = chosen_prompts(self.prompts, o.prompts, self.cfg.trainer.seed + r)
+        zero3 = self.world > 1 and self.cfg.deepspeed.stage == 3
+        with self.autocast():
+            samples = generate(self.model, self.tokenizer, [self.prompts.sequence(i)[0] for i in picked],
+                               replace(o.generation, seed=o.generation.seed + r), synced=zero3,
+                               shard=(0, 1) if zero3 else (self.rank, self.world))
+        mine = [(s.prompt, self.labelled(picked[s.prompt], s)) for s in samples]
+        parts = [mine] if zero3 else dist.gather(mine)
+        answers = [a for _, a in sorted((x for part in parts for x in part), key=lambda x: x[0])]  # stable
+        rows = [a for a in answers if a is not None]
+        if not rows and r == 0:
+            raise UserError(f"online: all {len(answers)} answers were empty or cut at online.generation.max_new_tokens="
+                            f"{o.generation.max_new_tokens}: nothing to train on; raise it")
+        passed = sum(a["label"] for a in rows)
+        stats = {"round": r + 1, "prompts": len(picked), "answers": len(answers), "kept": len(rows), "passed": passed,
+                 "pass_rate": passed / max(1, len(rows)), "sampling_seconds": time.perf_counter() - started}
+        if dist.is_main():
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(folder / "round.json", lambda tmp: tmp.write_text(json.dumps(stats)))
+            atomic_write(folder / "samples.jsonl", lambda tmp: tmp.write_text(
+                "".join(json.dumps(a) + "\n" for a in rows), encoding="utf-8"))
+        dist.barrier()
+        log.info("online round %d: %d answers to %d prompts in %.0f s; %d kept (the others empty or cut at "
+                 "online.generation.max_new_tokens), %d (%.1f%%) pass the verifier", r + 1, len(answers), len(picked),
+                 stats["sampling_seconds"], len(rows), passed, 100 * stats["pass_rate"])
+
+    def labelled(self, i: int, sample) -> dict:
+        """A training row of an answer to prompt i, or None for one not trained on: an empty answer has
+        no tokens, and one cut at max_new_tokens would teach (or, labelled wrong, unteach) stopping
+        where the model did not stop."""
+        if not sample.text or not sample.finished:
+            return None
+        e = self.prompts.examples[i]
+        score, detail = self.verifier.score(e.prompt, sample.text, e.row or {})
+        return {"prompt": e.prompt, "completion": sample.text, "label": score >= self.verifier.threshold,
+                "score": score, "detail": detail}
+
+    def round_split(self, path: Path):
+        """The round's answers as a tokenized Split (None when there are none), KL partners drawn
+        among them, paired by prompt for the losses that need pairs."""
+        if not path.read_text(encoding="utf-8").strip():
+            return None
+        data = replace(self.cfg.dataset, train=str(path), train_split="train", eval=None, eval_fraction=0.0,
+                       max_train_rows=None, unpair=UnpairMode.both,
+                       pair_by_prompt=self.cfg.dataset.pair_by_prompt or needs_pairs(self.cfg))
+        return build_splits(data, self.tokenizer, self.cfg.model.use_chat_template,
+                            kl_block=self.cfg.trainer.micro_batch_size)[0]
+
+    def log_round(self, r: int, folder: Path) -> None:
+        """Round r's sampling record in metrics.jsonl (split "online", at the round's first step)
+        unless an earlier attempt logged it; every finished round's in the summary."""
+        if not dist.is_main():
+            return
+        stats = json.loads((folder / "round.json").read_text())
+        if not any(rec.get("round") == r + 1 for rec in read_metrics(self.run_dir, "online")):
+            self.log_metrics(r * self.per_round, "online", stats)
+        self.summary_extra["rounds"] = [json.loads((self.run_dir / "rounds" / str(k) / "round.json").read_text())
+                                        for k in range(1, r + 2)]
+
+    @contextlib.contextmanager
+    def initial_weights(self):
+        """The policy's initial weights in place of its present ones (kept on the CPU meanwhile)."""
+        present = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.initial)
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(present)
+
+
+def read_round(run_dir: Path, r: int) -> list:
+    """Round r's (1-based) trained-on answers of a run."""
+    return read_jsonl(Path(run_dir) / "rounds" / str(r) / "samples.jsonl")

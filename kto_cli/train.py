@@ -31,7 +31,6 @@ from .logprobs import (Layout, Logps, Runner, completion_logps, completion_logps
 from .losses import kl_estimate
 from .metrics import MetricSums, MetricsLog, pair_accuracy, peak_gpu_mb, peak_rss_mb, print_summary
 from .models import load_model, load_tokenizer
-from .online import online_data
 from .preemption import Preempted, Preemption
 from .reference import open_cache
 from .sampling import batch_indices, data_order, length_grouped, total_steps, visited_indices
@@ -74,8 +73,10 @@ class Trainer:
         self.show_progress = cfg.trainer.progress
         self.objective = objectives.create(cfg.loss)
         self.need = self.objective.needs
-        self.value_head = None
+        self.value_head = self.ref = None
         self.reference_report = None
+        self.summary_extra = {}  # what a kind of run adds to its summary (online: its rounds)
+        self.span = None  # (first step, steps, seed) of the steps training on the present data
 
     def setup(self) -> None:
         cfg, need = self.cfg, self.need
@@ -97,17 +98,32 @@ class Trainer:
         if need.value_head:
             self.value_head = self.objective.value_head(self.model.config.hidden_size).to(self.device)
         self.layout = self.choose_layout()
-        self.order = length_grouped(self.unit_lengths("train"), cfg.trainer.micro_batch_size * self.world) \
-            if cfg.trainer.group_by_length else (None if cfg.trainer.shuffle else data_order)
-        self.steps = total_steps(cfg, len(self.units["train"]))
+        self.steps = self.total_steps()
         policy = Policy(self.model, self.value_head)
         if self.deepspeed:
             self.backend = DeepSpeedBackend(policy, cfg, self.steps, self.ds_config)
             self.model, self.value_head = self.backend.policy.lm, self.backend.policy.value_head
         else:
             self.backend = TorchBackend(policy, cfg, self.steps)
-        self.check_layout()
-        self.ref = self.reference() if need.reference else None
+        self.use_data()
+
+    def total_steps(self) -> int:
+        return total_steps(self.cfg, len(self.units["train"]))
+
+    def use_data(self, span: Optional[tuple] = None, reference_file: str = "reference_logps.safetensors",
+                 cache: bool = True) -> None:
+        """What training on the train split needs: its batch order, the start-up check (on a run's
+        first data) and its reference log-probs (kept in reference_file of the run dir, from the
+        shared cache unless cache=False). span: (first step, steps, seed) of the steps that train
+        on it, the seed ordering its batches; default: the whole run, the trainer's seed."""
+        t = self.cfg.trainer
+        first_data = self.span is None
+        self.span = span or (0, self.steps, t.seed)
+        self.order = length_grouped(self.unit_lengths("train"), t.micro_batch_size * self.world) \
+            if t.group_by_length else (None if t.shuffle else data_order)
+        if first_data:
+            self.check_layout()
+        self.ref = self.reference(self.run_dir / reference_file, cache) if self.need.reference else None
 
     def choose_layout(self) -> Layout:
         """Shared-prompt and packed rows where the model's attention reads their 4D mask exactly;
@@ -136,7 +152,7 @@ class Trainer:
         mean over the batch's tokens, with a looser tolerance."""
         t, need = self.cfg.trainer, self.need
         units = self.units["train"]
-        first = [units[p] for p in batch_indices(0, len(units), t.batch_size, t.seed, self.order)]
+        first = [units[p] for p in batch_indices(0, len(units), t.batch_size, self.span[2], self.order)]
         mine = first[self.rank * t.micro_batch_size:(self.rank + 1) * t.micro_batch_size]
         split = self.splits["train"]
         pairs = [(split.sequence(u[0]), split.sequence(u[1])) if need.paired else
@@ -243,8 +259,8 @@ class Trainer:
         """Example indices that training (all of eval) will use: the reference pass computes only these."""
         if name == "eval":
             return list(range(len(self.splits["eval"])))
-        t, units = self.cfg.trainer, self.units["train"]
-        positions = visited_indices(self.steps, len(units), t.batch_size, t.seed, self.order)
+        t, units, (_, steps, seed) = self.cfg.trainer, self.units["train"], self.span
+        positions = visited_indices(steps, len(units), t.batch_size, seed, self.order)
         return sorted({i for p in positions for i in (units[p] if self.need.paired else (units[p],))})
 
     def kl_splits(self) -> set:
@@ -254,10 +270,10 @@ class Trainer:
             return set()
         return {name for name in self.splits if name == "train" or self.cfg.eval.loss_metrics}
 
-    def reference(self) -> reference_mod.ReferenceLogps:
-        """Reference log-probs of the examples this run uses: from the shared cache where present,
-        computed on the policy's initial weights otherwise. Kept in the run dir for resuming."""
-        path = self.run_dir / "reference_logps.safetensors"
+    def reference(self, path: Path, cache: bool = True) -> reference_mod.ReferenceLogps:
+        """Reference log-probs of the examples this run uses: from the shared cache where present
+        (and cache is true), computed on the model's present weights (the policy's initial ones)
+        otherwise. Kept in `path` for resuming."""
         fp = fingerprint(self.cfg)
         used = {name: (split, self.used_examples(name)) for name, split in self.splits.items()}
         ref = reference_mod.load(path, fp) if self.cfg.trainer.resume else None
@@ -269,11 +285,13 @@ class Trainer:
         started = time.perf_counter()
         run = Runner(self.pad_id, self.device, self.autocast, self.cfg.reference.batch_size, self.backend, self.layout)
         ref, report = reference_mod.reference_pass(
-            lambda: self.model, used, self.kl_splits(), self.need.per_token, open_cache(self.cfg, self.tokenizer), run,
+            lambda: self.model, used, self.kl_splits(), self.need.per_token,
+            open_cache(self.cfg, self.tokenizer) if cache else None, run,
             self.show_progress, shard=(self.rank, self.world), exchange=self.world > 1)
         log.info("reference log-probs: %d reused from the cache, %d computed", report["reused"], report["computed"])
         self.reference_report = {**report, "seconds": time.perf_counter() - started}
         if dist.is_main():
+            path.parent.mkdir(parents=True, exist_ok=True)
             reference_mod.save(ref, path, fp)
         return ref
 
@@ -351,9 +369,9 @@ class Trainer:
         """One optimizer step on the global batch: with W ranks and micro-batches of m units, round k
         of the accumulation gives rank r units [(kW + r)m, (kW + r + 1)m) of it, so a run with W
         ranks computes what one process with micro-batches of W*m computes."""
-        t, units = self.cfg.trainer, self.units["train"]
+        t, units, (first, _, seed) = self.cfg.trainer, self.units["train"], self.span
         self.model.train()
-        batch = [units[p] for p in batch_indices(step, len(units), t.batch_size, t.seed, self.order)]
+        batch = [units[p] for p in batch_indices(step - first, len(units), t.batch_size, seed, self.order)]
         accum, m = accumulation(self.cfg, self.world), t.micro_batch_size
         sums, tokens, start, lr = MetricSums(), 0, time.perf_counter(), self.backend.lr()
         for k in range(accum):
@@ -376,11 +394,13 @@ class Trainer:
         (samples.jsonl). Before training the policy is the reference, so where the pre-pass has its
         log-probs no forward pass is needed."""
         split = self.splits["eval"]
-        source = "reference" if initial and self.need.reference and not self.need.value_head else "policy"
+        source = "reference" if initial and self.ref is not None and not self.need.value_head else "policy"
         self.model.eval()
-        out, logps = self.eval_loss(source) if self.cfg.eval.loss_metrics else ({}, self.eval_logps(source))
+        # the loss needs reference values (an online round without usable answers has none yet)
+        with_loss = self.cfg.eval.loss_metrics and (self.ref is not None or not self.need.reference)
+        out, logps = self.eval_loss(source) if with_loss else ({}, self.eval_logps(source))
         scores = {"logps/accuracies": logps}
-        if self.need.reference and "rewards/accuracies" not in out:
+        if self.ref is not None and "rewards/accuracies" not in out:
             scores["rewards/accuracies"] = logps - self.ref.eval
         for key, score in scores.items():
             acc = pair_accuracy(split, score)
@@ -431,16 +451,25 @@ class Trainer:
         self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=start_step) if dist.is_main() else None
         if dist.is_main():  # samples past the checkpoint are about to be made again
             keep_samples(self.run_dir / "samples.jsonl", start_step)
-        before = self.evaluate_before(start_step)
         last, first_step_at = {}, time.perf_counter()
         with tqdm(total=self.steps, initial=start_step, desc=self.cfg.loss.name, unit="step",
                   disable=not self.show_progress) as bar, Preemption() as preemption:
+            self.ready(start_step, preemption)
+            before = self.evaluate_before(start_step)
             for step in range(start_step, self.steps):
+                if not self.ready(step, preemption):
+                    bar.update(1)
+                    continue
                 last = self.optimizer_step(step)
                 bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "kl", "rewards/margins") if k in last})
                 bar.update(1)
                 self.after_step(step + 1, last, preemption)
         return self.finish(before, last, time.perf_counter() - first_step_at, started, sft_phase)
+
+    def ready(self, step: int, preemption: Preemption) -> bool:
+        """Before a step: whether it trains (online rounds make their data here; on a signal while
+        they do, that step's checkpoint is written and the run stops)."""
+        return True
 
     def resume(self) -> int:
         """The step to start from: 0, or that of the checkpoint trainer.resume names."""
@@ -460,7 +489,7 @@ class Trainer:
         """Held-out metrics of the initial policy; a resumed run reads them from its log."""
         if start_step > 0:
             return MetricsLog.first_in(self.run_dir / "metrics.jsonl", "eval")
-        free = self.need.reference and not self.need.value_head  # the pre-pass holds the initial log-probs
+        free = self.ref is not None and not self.need.value_head  # the pre-pass holds the initial log-probs
         wanted = self.cfg.eval.before_training or free
         before = self.evaluate(0, initial=True) if "eval" in self.splits and wanted else {}
         self.log_metrics(0, "eval", before)
@@ -475,18 +504,26 @@ class Trainer:
         t, final = self.cfg.trainer, done == self.steps
         if done % t.log_every == 0 or final:
             self.log_metrics(done, "train", metrics)
-        if t.eval_every and done % t.eval_every == 0 and not final and "eval" in self.splits:
+        if self.eval_due(done) and not final and "eval" in self.splits:
             self.log_metrics(done, "eval", self.evaluate(done))
         saved = bool(t.save_every and done % t.save_every == 0 and not final)
         if saved:
             save_checkpoint(self.run_dir, done, self.backend, fingerprint(self.cfg))
         if preemption.requested() and not final:
-            if not saved:
-                save_checkpoint(self.run_dir, done, self.backend, fingerprint(self.cfg))
-            if self.metrics_log is not None:
-                self.metrics_log.close()
-            preemption.hand_over()
-            raise Preempted(done, self.run_dir, preemption.signal)
+            self.stop(done, preemption, saved)
+
+    def eval_due(self, done: int) -> bool:
+        every = self.cfg.trainer.eval_every
+        return bool(every and done % every == 0)
+
+    def stop(self, done: int, preemption: Preemption, saved: bool = False) -> None:
+        """On a scheduler's signal: the checkpoint of step `done` (unless saved), then Preempted."""
+        if not saved:
+            save_checkpoint(self.run_dir, done, self.backend, fingerprint(self.cfg))
+        if self.metrics_log is not None:
+            self.metrics_log.close()
+        preemption.hand_over()
+        raise Preempted(done, self.run_dir, preemption.signal)
 
     def finish(self, before: dict, last: dict, train_time: float, started: float,
                sft_phase: Optional[dict] = None) -> dict:
@@ -508,6 +545,7 @@ class Trainer:
                    "examples_before": examples_at(samples, 0), "examples_after": examples_at(samples, self.steps)}
         if sft_phase:
             summary["sft_phase"] = sft_phase
+        summary |= self.summary_extra
         if dist.is_main():
             atomic_write(self.run_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
         return summary
@@ -535,8 +573,8 @@ def from_model(cfg: RunConfig, folder: Path) -> RunConfig:
 
 def train(cfg: RunConfig, run_dir: Path) -> dict:
     """Runs the whole job in run_dir (rank 0's, under several processes): its SFT phase in
-    run_dir/sft when trainer.sft_steps asks for one, on-policy data in run_dir/online when
-    online.prompts does (kto_cli/online.py), then the loss. Returns the summary it also
+    run_dir/sft when trainer.sft_steps asks for one, then the loss: on the dataset, or with
+    online.prompts, in rounds on the policy's own answers (kto_cli/online.py). Returns the summary it also
     writes to summary.json. Only rank 0 writes logs, the summary and final/."""
     started, first = time.perf_counter(), None
     if cfg.trainer.sft_steps:
@@ -547,9 +585,8 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
                                         "examples_before", "examples_after")} | {"run_dir": str(phase.run_dir)}
         cfg = from_model(cfg, phase.run_dir / "final")
         phase.cleanup()
-    if cfg.online.prompts:
-        cfg = online_data(cfg, run_dir)
-    tr = Trainer(cfg, run_dir)
+    from .online import OnlineTrainer  # it builds on Trainer
+    tr = (OnlineTrainer if cfg.online.prompts else Trainer)(cfg, run_dir)
     tr.setup()
     summary = tr.train(started, first)
     if dist.is_main():

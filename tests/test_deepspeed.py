@@ -138,16 +138,19 @@ def test_srun_style_ranks_from_slurm_variables(tmp_path, single):
         assert got[step] == pytest.approx((loss, kl), abs=2e-5)
 
 
-def test_sft_phase_and_online_data_over_two_ranks_match_one_process(tmp_path):
-    """The default job's shape (SFT phase, on-policy data, then KTO) under ZeRO-2: rank 0 samples
-    the answers once, and both phases give one process's losses."""
-    job = ("trainer.sft_steps=2", "online.prompts=4", "online.generation.max_new_tokens=200", "verifier=regex",
-           "verifier.pattern='[aeiou]'", "eval.max_prompts=2")
+def test_sft_phase_and_online_rounds_over_two_ranks_match_one_process(tmp_path):
+    """The default job's shape (SFT phase, then KTO on the policy's own labelled answers) in two
+    online rounds under ZeRO-2: each rank samples its share of a round's answers, and the answers of
+    both rounds and the losses of both phases are one process's."""
+    job = ("trainer.sft_steps=2", "online.prompts=4", "online.rounds=2", "online.steps_per_round=2",
+           "online.generation.batch_size=8",  # two prompts a batch: each rank makes one batch
+           "online.generation.max_new_tokens=200", "verifier=regex", "verifier.pattern='[aeiou]'", "eval.max_prompts=2")
     losses, _ = one_process(tmp_path / "single", *job)
     launch(tmp_path / "two", "deepspeed=zero2", "trainer.max_steps=4", "trainer.micro_batch_size=2", *job)
     for phase in ("sft", "."):
         want, got = train_losses(tmp_path / "single" / phase), train_losses(tmp_path / "two" / phase)
         assert sorted(got) == sorted(want) == ([1, 2] if phase == "sft" else [1, 2, 3, 4])
         assert all(got[s][0] == pytest.approx(want[s][0], abs=2e-5) for s in want), phase
-    answers = [(p / "online" / "train.jsonl").read_text() for p in (tmp_path / "single", tmp_path / "two")]
-    assert answers[0] == answers[1] and 0 < len(answers[0].splitlines()) <= 4 * 4
+    for r in (1, 2):
+        answers = [(p / "rounds" / str(r) / "samples.jsonl").read_text() for p in (tmp_path / "single", tmp_path / "two")]
+        assert answers[0] == answers[1] and 0 < len(answers[0].splitlines()) <= 4 * 4

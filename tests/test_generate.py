@@ -47,6 +47,18 @@ def test_seeded_sampling_repeats_and_gives_n_per_prompt(tiny_tok):
     assert [s.text for s in c] != [s.text for s in a]
 
 
+def test_sharded_sampling_gives_each_rank_its_batches_of_the_same_answers(tiny_tok):
+    """Each batch is seeded by its place in the order: ranks making every other batch together
+    make the answers one process makes."""
+    model, prompts = model_and_prompts(tiny_tok)
+    cfg = GenerationConfig(max_new_tokens=5, temperature=1.0, n=2, batch_size=2, seed=3)  # one prompt per batch
+    whole = generate(model, tiny_tok, prompts, cfg, "cpu")
+    shards = [generate(model, tiny_tok, prompts, cfg, "cpu", shard=(r, 2)) for r in (0, 1)]
+    assert sorted({s.prompt for s in shards[0]}) != sorted({s.prompt for s in shards[1]})
+    merged = sorted(shards[0] + shards[1], key=lambda s: s.prompt)
+    assert [(s.prompt, s.text, s.tokens) for s in merged] == [(s.prompt, s.text, s.tokens) for s in whole]
+
+
 def test_stops_at_end_of_turn_and_restores_the_mode(tiny_tok):
     model, prompts = model_and_prompts(tiny_tok)
     end = tiny_tok.convert_tokens_to_ids("<|im_end|>")
