@@ -9,7 +9,7 @@ A spec (kto_cli/experiments/*.yaml) names the seeds, the overrides of every run,
 model for tuning (validation), and the arms: an override list, a grid of values to choose from, and
 the arm whose model (of the same seed) it starts from. An arm tries every grid point at the first
 seed, keeps the one with the best validation score (ties: the first listed) and runs it at the
-others. Runs live in OUT/ARM/POINT/seedS, each a kto-train run dir; one with a summary.json is read,
+others; an arm without a grid is not scored on validation. Runs live in OUT/ARM/POINT/seedS, each a kto-train run dir; one with a summary.json is read,
 not run again, so a stopped experiment resumes where it stopped. Writes OUT/report.{md,json,png}.
 """
 import argparse
@@ -166,7 +166,8 @@ class Experiment:
             return
         for point in arm.points():
             self.train_run(arm, point, first)
-            self.evaluate(arm, point, first, "validation")
+            if len(arm.points()) > 1:  # a choice to make
+                self.evaluate(arm, point, first, "validation")
             if arm.name not in self.starts and not self.keep_models:
                 shutil.rmtree(self.run_dir(arm, point, first) / "final", ignore_errors=True)
         best = self.chosen(arm)

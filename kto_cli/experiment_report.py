@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from .files import atomic_write
+from .metrics import read_metrics
 from .report import mean_interval
 
 VERDICT_RULES = {  # the 95% interval of the seeds' mean difference (a - b), against the margin m
@@ -28,8 +29,18 @@ def seed_results(exp, arm, point: dict, seed: int) -> dict:
         return {"score": held.get("gen/score"), "seconds": held.get("seconds", 0.0) if seed == exp.spec.seeds[0] else 0}
     summary = read_json(run_dir / "summary.json")
     after = summary.get("eval_after", {})
+    curve = [(r["step"], r["gen/score"]) for r in read_metrics(run_dir, "eval") if "gen/score" in r] if summary else []
     return {"score": after.get("gen/score"), "rewards_acc": after.get("rewards/accuracies"),
-            "logps_acc": after.get("logps/accuracies"), "seconds": summary.get("wall_seconds", 0.0)}
+            "logps_acc": after.get("logps/accuracies"), "seconds": summary.get("wall_seconds", 0.0), "curve": curve}
+
+
+def mean_curve(seeds: dict) -> list:
+    """(step, mean held-out score over the seeds that evaluated at it, how many) at each step evaluated."""
+    at = {}
+    for r in seeds.values():
+        for step, score in r.get("curve", []):
+            at.setdefault(step, []).append(score)
+    return [(step, sum(v) / len(v), len(v)) for step, v in sorted(at.items())]
 
 
 def arm_row(exp, arm) -> dict:
@@ -45,8 +56,9 @@ def arm_row(exp, arm) -> dict:
     seconds += sum(read_json(exp.run_dir(arm, p, first) / "validation" / "eval.json").get("seconds", 0.0)
                    for p in points)
     ran = any(r["score"] is not None for r in seeds.values())
+    curve = mean_curve(seeds)
     row = {"arm": arm.name, "start": arm.start or "base", "validation": tuning,
-           "chosen": point_name(best) if ran else "not run yet", "seeds": seeds, "seconds": seconds}
+           "chosen": point_name(best) if ran else "not run yet", "seeds": seeds, "seconds": seconds, "curve": curve}
     for key in ("score", "rewards_acc", "logps_acc"):  # shares: the interval is clipped to [0, 1]
         values = [r[key] for r in seeds.values() if r.get(key) is not None]
         mean, low, high = mean_interval(values) if values else (None,) * 3
@@ -94,6 +106,7 @@ def markdown(rows: list, claims: list, spec) -> str:
         per_seed = " / ".join(pct(r["seeds"][s]["score"]) for s in seeds)
         lines.append(f"| {r['arm']} | {r['start']} | {tuning} | {r['chosen']} | {interval(r['score'])} | {per_seed} | "
                      f"{interval(r['rewards_acc'])} | {interval(r['logps_acc'])} | {r['seconds'] / 60:.1f} |")
+    lines += by_step(rows)
     lines += ["", f"Claims: the held-out score of arm a minus that of arm b, seed by seed (percentage points), "
               f"mean and 95% t interval; margin m = {100 * spec.margin:.0f} points. "
               + " ".join(f"{t}: {rule}." for t, rule in VERDICT_RULES.items()), "",
@@ -107,13 +120,35 @@ def markdown(rows: list, claims: list, spec) -> str:
     return "\n".join(lines) + "\n"
 
 
+def evaluated_while_training(rows: list) -> bool:
+    """Some arm evaluated between its start and its end (online rounds, trainer.eval_every)."""
+    return any(len([step for step, _, _ in r["curve"] if step > 0]) > 1 for r in rows)
+
+
+def by_step(rows: list) -> list:
+    """Markdown lines: each arm's mean held-out score at every step some arm evaluated at (online
+    rounds evaluate at each round's end); none when no arm evaluated while training."""
+    steps = sorted({step for r in rows for step, _, _ in r["curve"]})
+    if not evaluated_while_training(rows):
+        return []
+    out = ["", "Held-out score (%) by training step, mean over the seeds:", "",
+           "| arm | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for r in rows:
+        at = {step: mean for step, mean, _ in r["curve"]}
+        if at:
+            out.append(f"| {r['arm']} | " + " | ".join(pct(at.get(s)) for s in steps) + " |")
+    return out
+
+
 def plot(rows: list, path: Path) -> None:
     """Held-out score and implicit-reward accuracy by arm: the mean, its interval, each seed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.6), sharey=True)
+    curves = evaluated_while_training(rows)
+    fig, axes = plt.subplots(1, 3 if curves else 2, figsize=(16.5 if curves else 11, 0.45 * len(rows) + 1.6),
+                             gridspec_kw={"width_ratios": [1, 1, 1.2] if curves else [1, 1]})
     for ax, key, title in ((axes[0], "score", "held-out score (exact answers)"),
                            (axes[1], "rewards_acc", "held-out implicit-reward accuracy")):
         for y, r in enumerate(rows):
@@ -129,7 +164,19 @@ def plot(rows: list, path: Path) -> None:
         ax.set_xlim(0, 1)
         ax.grid(alpha=0.3)
     axes[0].set_yticks(range(len(rows)), [f"{r['arm']} ({r['chosen']})" for r in rows], fontsize=8)
-    axes[0].invert_yaxis()
+    axes[1].set_yticks(range(len(rows)), [])
+    for ax in axes[:2]:
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+    if curves:
+        for k, r in enumerate(rows):
+            if r["curve"]:
+                axes[2].plot([c[0] for c in r["curve"]], [c[1] for c in r["curve"]], "o-", color=f"C{k}",
+                             label=r["arm"], markersize=4)
+        axes[2].set_title("held-out score by training step (mean over seeds)", fontsize=10)
+        axes[2].set_xlabel("step", fontsize=9)
+        axes[2].set_ylim(0, 1)
+        axes[2].grid(alpha=0.3)
+        axes[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

@@ -83,6 +83,15 @@ class OnlineTrainer(Trainer):
         if self.need.reference and o.reference == OnlineReference.initial and (o.rounds > 1 or self.cfg.trainer.resume):
             self.initial = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
+    def reference(self, path: Path, cache: bool = True):
+        """As the Trainer's, the summary's reference figures summed over the rounds this process ran."""
+        before = self.reference_report or {}
+        self.reference_report = None
+        ref = super().reference(path, cache)
+        now = self.reference_report or {}
+        self.reference_report = {k: before.get(k, 0) + now.get(k, 0) for k in before.keys() | now.keys()}
+        return ref
+
     def resume(self) -> int:
         self.start = super().resume()
         return self.start

@@ -115,3 +115,25 @@ def test_paper_claims_runs_end_to_end_on_the_tiny_model_and_resumes(tmp_path, ca
     main(["paper_claims", "--out", str(out), "--seeds", "0,1", *SMOKE])
     assert {p: p.stat().st_mtime for p in out.rglob("summary.json")} == stamps
     assert json.loads((out / "report.json").read_text())["claims"] == report["claims"]
+
+
+def test_online_arith_composes_every_run():
+    spec = load_spec("online_arith")
+    assert list(spec.arms) == ["sft", "offline", "online_kto", "online_dpo", "online_rs_sft"]
+    Experiment(spec, Path("unused"), SMOKE).check()  # a wrong override in any arm fails here
+
+
+@pytest.mark.slow
+def test_an_arm_of_online_rounds_is_reported_round_by_round(tmp_path, capsys):
+    """An online arm evaluates at each round's end: the report has a by-step table and a third panel."""
+    spec = tmp_path / "online.yaml"
+    spec.write_text("seeds: [0]\narms:\n  online_kto: {overrides: [recipe=online_arith]}\n")
+    out = tmp_path / "oa"
+    main([str(spec), "--out", str(out), *SMOKE, "online.prompts=4", "online.generation.n=2",
+          "online.generation.max_new_tokens=100", "online.rounds=2", "online.steps_per_round=1", "verifier=regex",
+          "verifier.pattern='[aeiou]'", "trainer.sft_steps=0"])
+    arm = json.loads((out / "report.json").read_text())["arms"][0]
+    assert [step for step, _, _ in arm["curve"]] == [0, 1, 2] and arm["curve"][-1][1] == arm["score"][0]
+    md = (out / "report.md").read_text()
+    assert "| arm | step 0 | step 1 | step 2 |" in md and f"| online_kto | {100 * arm['curve'][0][1]:.1f} |" in md
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
