@@ -455,6 +455,8 @@ def load_prompts(cfg: DatasetConfig, tokenizer, use_chat_template: bool) -> Spli
     if not examples:
         raise UserError(f"{name}: no usable rows")
     seed = 0 if cfg.seed is None else cfg.seed
-    if not cfg.eval and cfg.eval_fraction > 0:
-        examples = hold_out(examples, cfg.eval_fraction, seed)[0]
+    if not cfg.eval and cfg.eval_fraction > 0:  # the prompts held_out_split holds out, chosen the same way
+        held = {prompt_key(e.prompt) for e in hold_out(
+            load_examples(cfg.train, cfg.train_split, cfg.skip_bad_rows, cfg.max_train_rows)[0], cfg.eval_fraction, seed)[1]}
+        examples = [e for e in examples if prompt_key(e.prompt) not in held]
     return tokenize([examples[i] for i in distinct_prompts(examples)], tokenizer, use_chat_template, cfg, seed)

@@ -16,13 +16,14 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from . import distributed as dist
 from . import objectives
-from .config import OnlineReference, RunConfig, UnpairMode, UserError
+from .config import OnlineReference, RunConfig, UnpairMode, UserError, config_digest
 from .data import build_splits, distinct_prompts, held_out_split, load_prompts
 from .files import atomic_write, read_jsonl
 from .generate import generate
@@ -50,6 +51,12 @@ def round_steps(cfg: RunConfig) -> int:
     return max(1, math.ceil(t.epochs * o.prompts * o.generation.n / t.batch_size))
 
 
+def round_key(cfg: RunConfig) -> str:
+    """What a round's answers and reference depend on, besides the weights."""
+    t = cfg.trainer
+    return config_digest(cfg, ("model", "dataset", "loss", "verifier", "online")) + f"-{t.seed}-{t.batch_size}"
+
+
 def needs_pairs(cfg: RunConfig) -> bool:
     return objectives.objective_class(cfg.loss).needs.paired
 
@@ -69,6 +76,10 @@ class OnlineTrainer(Trainer):
         check_rows(self.verifier, [(e.where, e.row or {}) for e in self.prompts.examples])
         held = held_out_split(cfg.dataset, self.tokenizer, cfg.model.use_chat_template, cfg.trainer.micro_batch_size)
         self.per_round, self.round, self.start, self.initial = round_steps(cfg), None, 0, None
+        self.eval_prepared, self.weights_gone = False, ""
+        if cfg.online.steps_per_round and cfg.trainer.max_steps not in (None, self.total_steps()):
+            log.info("online: %d rounds of %d steps (online.steps_per_round; trainer.max_steps=%d is not used)",
+                     cfg.online.rounds, self.per_round, cfg.trainer.max_steps)
         return {"eval": held} if held is not None else {}
 
     def total_steps(self) -> int:
@@ -79,26 +90,30 @@ class OnlineTrainer(Trainer):
         CPU) when later reference passes need them back; each round calls the Trainer's."""
         if span is not None:
             return super().use_data(span, reference_file, cache)
-        o = self.cfg.online
-        if self.need.reference and o.reference == OnlineReference.initial and (o.rounds > 1 or self.cfg.trainer.resume):
+        o, cfg = self.cfg.online, self.cfg
+        if self.need.reference and o.reference == OnlineReference.initial and cfg.deepspeed.stage != 3 \
+                and (o.rounds > 1 or cfg.trainer.resume):
             self.initial = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
-    def reference(self, path: Path, cache: bool = True):
+    def reference(self, path: Path, cache: bool = True, weights_gone: str = ""):
         """As the Trainer's, the summary's reference figures summed over the rounds this process ran."""
         before = self.reference_report or {}
         self.reference_report = None
-        ref = super().reference(path, cache)
+        ref = super().reference(path, cache, weights_gone or self.weights_gone)
         now = self.reference_report or {}
         self.reference_report = {k: before.get(k, 0) + now.get(k, 0) for k in before.keys() | now.keys()}
         return ref
 
     def resume(self) -> int:
+        """The step to start from; a fresh run drops any rounds an earlier run left in its dir."""
+        if not self.cfg.trainer.resume and dist.is_main():
+            shutil.rmtree(self.run_dir / "rounds", ignore_errors=True)
         self.start = super().resume()
         return self.start
 
     def ready(self, step: int, preemption) -> bool:
         """Enters the round of `step` (its answers sampled, or read back); whether it has data to train on."""
-        r = step // self.per_round
+        r = min(step // self.per_round, self.cfg.online.rounds - 1)  # a finished run resumed: the last round
         if r != self.round:
             self.enter_round(r, preemption)
         return bool(self.units["train"])
@@ -117,7 +132,8 @@ class OnlineTrainer(Trainer):
             self.sample_round(r, folder)
             if preemption.requested():
                 self.stop(r * self.per_round, preemption)
-        first_round, self.round = self.round is None, r
+        self.round = r
+        self.check_round(folder)
         self.log_round(r, folder)
         split = self.round_split(folder / "samples.jsonl")
         self.splits["train"], self.units["train"] = split, objectives.units(split, self.need) if split else []
@@ -126,11 +142,17 @@ class OnlineTrainer(Trainer):
                         "pairs of a passing and a failing answer to one prompt" if self.need.paired else
                         "passing answers" if self.need.desirable_only else "answers", self.per_round)
             return
-        held = {"eval": self.splits["eval"]} if first_round and "eval" in self.splits else {}
+        held = {"eval": self.splits["eval"]} if not self.eval_prepared and "eval" in self.splits else {}
         self.objective.prepare({"train": split} | held, self.tokenizer,
                                (sum(e.desirable for e in split.examples), sum(not e.desirable for e in split.examples)))
+        self.eval_prepared = True
         initial = self.cfg.online.reference == OnlineReference.initial
-        swap = initial and self.initial is not None and (r > 0 or self.start > 0)
+        moved = self.start > r * self.per_round  # resumed mid-round: the policy is past the round's start
+        swap = initial and self.initial is not None and (r > 0 or moved)
+        # the model holds the reference's weights (else only the round's file can give its values)
+        ok = (swap or (r == 0 and not moved)) if initial else not moved
+        self.weights_gone = "" if ok else f"the policy has trained past round {r + 1}'s start" if moved else \
+            "under ZeRO-3 no copy of the initial weights is kept"
         with self.initial_weights() if swap else contextlib.nullcontext():
             self.use_data((r * self.per_round, self.per_round, self.cfg.trainer.seed + r),
                           f"rounds/{r + 1}/reference_logps.safetensors", cache=initial or r == 0)
@@ -154,7 +176,8 @@ class OnlineTrainer(Trainer):
                             f"{o.generation.max_new_tokens}: nothing to train on; raise it")
         passed = sum(a["label"] for a in rows)
         stats = {"round": r + 1, "prompts": len(picked), "answers": len(answers), "kept": len(rows), "passed": passed,
-                 "pass_rate": passed / max(1, len(rows)), "sampling_seconds": time.perf_counter() - started}
+                 "pass_rate": passed / max(1, len(rows)), "sampling_seconds": time.perf_counter() - started,
+                 "config": round_key(self.cfg)}
         if dist.is_main():
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write(folder / "round.json", lambda tmp: tmp.write_text(json.dumps(stats)))
@@ -187,16 +210,23 @@ class OnlineTrainer(Trainer):
         return build_splits(data, self.tokenizer, self.cfg.model.use_chat_template,
                             kl_block=self.cfg.trainer.micro_batch_size)[0]
 
+    def check_round(self, folder: Path) -> None:
+        """A round written by an earlier attempt is reused only under the settings that made it."""
+        written = json.loads((folder / "round.json").read_text()).get("config")
+        if written != round_key(self.cfg):
+            raise UserError(f"{folder}: written by a run with other model, data, loss, verifier, online or "
+                            "trainer seed/batch settings: resume with the run's own settings, or start it afresh")
+
     def log_round(self, r: int, folder: Path) -> None:
         """Round r's sampling record in metrics.jsonl (split "online", at the round's first step)
         unless an earlier attempt logged it; every finished round's in the summary."""
         if not dist.is_main():
             return
-        stats = json.loads((folder / "round.json").read_text())
+        stats = {k: v for k, v in json.loads((folder / "round.json").read_text()).items() if k != "config"}
         if not any(rec.get("round") == r + 1 for rec in read_metrics(self.run_dir, "online")):
             self.log_metrics(r * self.per_round, "online", stats)
-        self.summary_extra["rounds"] = [json.loads((self.run_dir / "rounds" / str(k) / "round.json").read_text())
-                                        for k in range(1, r + 2)]
+        rounds = [json.loads((self.run_dir / "rounds" / str(k) / "round.json").read_text()) for k in range(1, r + 2)]
+        self.summary_extra["rounds"] = [{k: v for k, v in d.items() if k != "config"} for d in rounds]
 
     @contextlib.contextmanager
     def initial_weights(self):

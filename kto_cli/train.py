@@ -270,10 +270,11 @@ class Trainer:
             return set()
         return {name for name in self.splits if name == "train" or self.cfg.eval.loss_metrics}
 
-    def reference(self, path: Path, cache: bool = True) -> reference_mod.ReferenceLogps:
+    def reference(self, path: Path, cache: bool = True, weights_gone: str = "") -> reference_mod.ReferenceLogps:
         """Reference log-probs of the examples this run uses: from the shared cache where present
         (and cache is true), computed on the model's present weights (the policy's initial ones)
-        otherwise. Kept in `path` for resuming."""
+        otherwise. Kept in `path` for resuming. weights_gone: why the present weights are not the
+        reference's (a resumed online round): then only `path` can give the values."""
         fp = fingerprint(self.cfg)
         used = {name: (split, self.used_examples(name)) for name, split in self.splits.items()}
         ref = reference_mod.load(path, fp) if self.cfg.trainer.resume else None
@@ -282,6 +283,9 @@ class Trainer:
         if dist.broadcast(complete):  # every rank decides as rank 0 does
             log.info("reference log-probs: reused %s", path)
             return ref
+        if weights_gone:
+            raise UserError(f"{path}: missing or without values this run needs, and {weights_gone}: "
+                            "resume with the settings the run started with, or start it afresh")
         started = time.perf_counter()
         run = Runner(self.pad_id, self.device, self.autocast, self.cfg.reference.batch_size, self.backend, self.layout)
         ref, report = reference_mod.reference_pass(
@@ -457,8 +461,9 @@ class Trainer:
             self.ready(start_step, preemption)
             before = self.evaluate_before(start_step)
             for step in range(start_step, self.steps):
-                if not self.ready(step, preemption):
+                if not self.ready(step, preemption):  # nothing to train on: evaluation and checkpoints go on
                     bar.update(1)
+                    self.after_step(step + 1, {}, preemption)
                     continue
                 last = self.optimizer_step(step)
                 bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "kl", "rewards/margins") if k in last})

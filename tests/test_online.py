@@ -94,6 +94,13 @@ def test_resume_in_the_middle_of_round_two_equals_an_uninterrupted_run(tmp_path)
     wa = AutoModelForCausalLM.from_pretrained(a / "final").state_dict()
     wb = AutoModelForCausalLM.from_pretrained(b / "final").state_dict()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    # resumed again when finished, it samples no third round; under other online settings its rounds are refused
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("kto_cli.online.generate", lambda *a, **k: pytest.fail("a finished run sampled"))
+        train(make_config(*args, "trainer.resume=auto"), b)
+    assert sorted(p.name for p in (b / "rounds").iterdir()) == ["1", "2"]
+    with pytest.raises(UserError, match=r"rounds/2: written by a run with other .* settings"):
+        train(make_config(*args, "trainer.resume=auto", "online.generation.top_p=0.9"), b)
 
 
 def test_a_signal_while_sampling_stops_with_the_rounds_answers_and_resumes(tmp_path, monkeypatch):
