@@ -168,8 +168,9 @@ def plot(rows: list, path: Path) -> None:
     for ax in axes[:2]:
         ax.set_ylim(len(rows) - 0.5, -0.5)
     if curves:
+        started = {r["start"] for r in rows} - {"base"}  # arms that train on from others: theirs alone
         for k, r in enumerate(rows):
-            if r["curve"]:
+            if r["curve"] and (r["start"] in started or not started):
                 axes[2].plot([c[0] for c in r["curve"]], [c[1] for c in r["curve"]], "o-", color=f"C{k}",
                              label=r["arm"], markersize=4)
         axes[2].set_title("held-out score by training step (mean over seeds)", fontsize=10)
