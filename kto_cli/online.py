@@ -25,7 +25,7 @@ from . import distributed as dist
 from . import objectives
 from .config import OnlineReference, RunConfig, UnpairMode, UserError, config_digest
 from .data import build_splits, distinct_prompts, held_out_split, load_prompts
-from .files import atomic_write, read_jsonl
+from .files import atomic_write
 from .generate import generate
 from .metrics import read_metrics
 from .train import Trainer
@@ -238,7 +238,3 @@ class OnlineTrainer(Trainer):
         finally:
             self.model.load_state_dict(present)
 
-
-def read_round(run_dir: Path, r: int) -> list:
-    """Round r's (1-based) trained-on answers of a run."""
-    return read_jsonl(Path(run_dir) / "rounds" / str(r) / "samples.jsonl")

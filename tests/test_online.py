@@ -16,7 +16,8 @@ from kto_cli.generate import generate
 from kto_cli.logprobs import plain_logps
 from kto_cli.metrics import read_metrics
 from kto_cli.models import load_model
-from kto_cli.online import OnlineTrainer, chosen_prompts, read_round
+from kto_cli.files import read_jsonl
+from kto_cli.online import OnlineTrainer, chosen_prompts
 from kto_cli.preemption import Preempted
 from kto_cli.train import train
 
@@ -28,6 +29,11 @@ ONLINE = (*TINY_RUN, "trainer.lr=2e-3", "trainer.warmup_ratio=0", "trainer.sched
           "dataset.max_train_rows=16", "dataset.max_eval_rows=8", "eval.max_prompts=2", "trainer.max_steps=null",
           "online.prompts=6", "online.generation.n=2", "online.generation.max_new_tokens=100", "online.rounds=2",
           "online.steps_per_round=3", "verifier=regex", "verifier.pattern='[aeiou]'")
+
+
+def read_round(run_dir, r: int) -> list:
+    """Round r's (1-based) trained-on answers of a run."""
+    return read_jsonl(run_dir / "rounds" / str(r) / "samples.jsonl")
 
 
 def losses(run_dir) -> dict:
