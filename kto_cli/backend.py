@@ -112,13 +112,17 @@ class TorchBackend:
         """The learning rate of the coming optimizer step."""
         return self.scheduler.get_last_lr()[0]
 
-    def step(self) -> float:
-        """Clips, steps the optimizer and the schedule; returns the grad norm before clipping."""
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.trainer.max_grad_norm)
-        self.optimizer.step()
+    def step(self) -> tuple:
+        """Clips, steps the optimizer and the schedule; (grad norm before clipping, whether the
+        update was applied). A non-finite gradient skips the update: weights and optimizer state
+        stay as they were, the schedule moves on."""
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.trainer.max_grad_norm))
+        applied = math.isfinite(norm)
+        if applied:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm, applied
 
     def save(self, folder: Path) -> None:
         self.policy.lm.save_pretrained(folder / "model")
@@ -164,21 +168,46 @@ class DeepSpeedBackend:
             model=policy, model_parameters=[p for p in policy.parameters() if p.requires_grad], config=config,
             lr_scheduler=lambda opt: make_scheduler(opt, cfg, steps))
         self.policy = self.engine.module
+        # ZeRO-1/2 check gradients for inf/NaN (and skip the step) only in fp16/bf16 by default;
+        # ZeRO-3 always does; stage 0 never does, so step() checks them itself.
+        if hasattr(self.engine.optimizer, "check_grad_overflow"):
+            self.engine.optimizer.check_grad_overflow = True
 
     def __call__(self, fn, *args, **kwargs):
         return self.engine(fn, *args, **kwargs)
 
     def backward(self, loss: torch.Tensor, accum: int) -> None:
         self.engine.backward(loss)
-        self.engine.step()  # steps the optimizer only at the accumulation boundary
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # between boundaries this only counts micro-batches
 
     def lr(self) -> float:
         return self.engine.lr_scheduler.get_last_lr()[0]
 
-    def step(self) -> float:
-        """The engine stepped at the last micro-batch's backward; the grad norm it computed."""
+    def step(self) -> tuple:
+        """The engine's optimizer step (gradients are reduced over ranks by now); (grad norm, whether
+        the update was applied), as TorchBackend.step: on a non-finite gradient on any rank, the
+        engine's overflow check (reduced over ranks) skips the update; the schedule moves on."""
+        if self.stage == 0 and not self.grads_finite():
+            opt = self.engine.optimizer
+            opt.step = lambda *args, **kwargs: None  # for this step only: weights and Adam's state stay
+            try:
+                self.engine.step()  # clears the gradients, moves the schedule and the engine's counters on
+            finally:
+                del opt.step
+            return float("nan"), False
+        skipped_before = self.engine.skipped_steps
+        self.engine.step()
+        if self.engine.skipped_steps != skipped_before:
+            self.engine.lr_scheduler.step()  # the engine leaves the schedule where it was on an overflow
+            return float("nan"), False
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return (float(norm) if norm is not None else float("nan")), True
+
+    def grads_finite(self) -> bool:
+        """Stage 0: every rank holds the whole averaged gradient, so each decides alike."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
     def save(self, folder: Path) -> None:
         """Every rank writes its shard (model, optimizer, schedule) into the same folder."""

@@ -65,10 +65,24 @@ def load_checkpoint(path: Path, backend, fingerprint: str) -> int:
     return state["step"]
 
 
+class Diverged(Exception):
+    """Training cannot go on: the loss or gradients are not finite, or the weights are not."""
+
+    def __init__(self, what: str, run_dir: Path):
+        last = latest_checkpoint(run_dir)
+        where = f"the last checkpoint is {last}" if last else "no checkpoint was written (trainer.save_every=0)"
+        super().__init__(f"{what}; stopped, {where}")
+
+
 def export_final(run_dir: Path, backend, lm, tokenizer) -> Path:
     """final/: a save_pretrained folder (model + tokenizer) that transformers loads as is, from the
-    weights gathered on rank 0 (consolidated under ZeRO-3), plus value_head.safetensors for ppo."""
+    weights gathered on rank 0 (consolidated under ZeRO-3), plus value_head.safetensors for ppo.
+    Weights that are not all finite are never exported (Diverged)."""
     state = backend.state_dict()  # a collective under ZeRO-3
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()] if state is not None else []
+    if dist.all_max(len(bad)):  # rank 0 alone holds the weights
+        raise Diverged(f"the trained weights are not finite ({', '.join(bad[:3]) or 'on rank 0'}): final/ "
+                       "not written", run_dir)
 
     def write(tmp: Path):
         if not dist.is_main():

@@ -33,11 +33,13 @@ def tune_allocator() -> None:
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint; run again to resume
+EXIT_DIVERGED = 3  # non-finite losses, gradients or weights: rerunning as is would not help
 
 
 @hydra.main(version_base=None, config_path="pkg://kto_cli.conf", config_name="config")
 def _train(cfg: DictConfig) -> None:
-    from .preemption import Preempted  # imported late: transformers loads slowly
+    from .checkpoint import Diverged  # imported late: transformers loads slowly
+    from .preemption import Preempted
     from .train import train
 
     try:
@@ -52,6 +54,9 @@ def _train(cfg: DictConfig) -> None:
     except Preempted as e:
         print(f"kto-train: {e}", file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
+    except Diverged as e:
+        print(f"kto-train: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_DIVERGED)
 
 
 @hydra.main(version_base=None, config_path="pkg://kto_cli.conf", config_name="config")

@@ -131,6 +131,9 @@ class TrainerConfig:
     warmup_ratio: float = 0.1
     schedule: Schedule = Schedule.cosine
     max_grad_norm: float = 1.0
+    # A step whose loss or gradient norm is not finite (on any rank) is skipped: no update, the data
+    # and the schedule move on. This many in a row stop the run (exit 3), naming its last checkpoint.
+    max_bad_steps: int = 3
     precision: Precision = Precision.auto
     gradient_checkpointing: bool = False
     # KTO: run each example and its KL sequence as one row sharing the prompt (same numbers, less work)
@@ -328,6 +331,7 @@ def validate(run: RunConfig) -> None:
     _check(t.max_steps is None or t.max_steps > 0, "trainer.max_steps must be positive or null")
     _check(t.epochs > 0, f"trainer.epochs must be positive, got {t.epochs}")
     _check(t.sft_steps >= 0, f"trainer.sft_steps must be 0 or positive, got {t.sft_steps}")
+    check_numbers(run)
     check_online(run)
     for name, g in (("eval", run.eval.generation), ("online", run.online.generation)):
         _check(g.n > 0 and g.max_new_tokens > 0 and g.batch_size > 0 and g.temperature >= 0 and 0 < g.top_p <= 1,
@@ -349,6 +353,27 @@ def validate(run: RunConfig) -> None:
     _check(ds.stage is not None or not ds.extra, "deepspeed.extra needs a ZeRO stage (e.g. deepspeed=zero2)")
     from .objectives import objective_class
     objective_class(run.loss).validate(run.loss)
+
+
+def check_numbers(run: RunConfig) -> None:
+    """The numeric settings a type accepts but the run cannot use (caught here, not after the model
+    and the reference pass have loaded)."""
+    t, e, r, d = run.trainer, run.eval, run.reference, run.dataset
+    positive = {"trainer.max_grad_norm": t.max_grad_norm, "trainer.log_every": t.log_every,
+                "trainer.eval_batch_size": t.eval_batch_size, "trainer.max_bad_steps": t.max_bad_steps,
+                "reference.batch_size": r.batch_size, "deepspeed.reduce_bucket_size": run.deepspeed.reduce_bucket_size}
+    optional = {"trainer.threads": t.threads, "trainer.pack_length": t.pack_length, "eval.max_prompts": e.max_prompts,
+                "dataset.max_train_rows": d.max_train_rows, "dataset.max_eval_rows": d.max_eval_rows,
+                "verifier.timeout_s": run.verifier.timeout_s}
+    for key, v in positive.items():
+        _check(v > 0, f"{key} must be positive, got {v}")
+    for key, v in optional.items():
+        _check(v is None or v > 0, f"{key} must be positive or null, got {v}")
+    for key in ("eval_every", "save_every"):
+        _check(getattr(t, key) >= 0, f"trainer.{key} must be 0 (off) or positive, got {getattr(t, key)}")
+    for key in ("adam_beta1", "adam_beta2"):
+        _check(0 <= getattr(t, key) < 1, f"trainer.{key} must be in [0, 1), got {getattr(t, key)}")
+    _check(t.weight_decay >= 0, f"trainer.weight_decay must be 0 or positive, got {t.weight_decay}")
 
 
 def check_online(run: RunConfig) -> None:

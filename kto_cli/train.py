@@ -8,6 +8,8 @@ import functools
 import gc
 import json
 import logging
+import math
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +23,7 @@ from . import distributed as dist
 from . import logprobs, objectives
 from . import reference as reference_mod
 from .backend import DeepSpeedBackend, Policy, TorchBackend, accumulation, ds_config
-from .checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Diverged, export_final, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ModelSource, Precision, RunConfig, UnpairMode, UserError, config_digest, fingerprint
 from .data import build_splits, collate
 from .evaluate import GenerationEval, examples_at, keep_samples, read_samples
@@ -77,6 +79,9 @@ class Trainer:
         self.reference_report = None
         self.summary_extra = {}  # what a kind of run adds to its summary (online: its rounds)
         self.span = None  # (first step, steps, seed) of the steps training on the present data
+        self.bad_steps = []  # the skipped steps in a row, up to the last one
+        # Fault injection for tests: at these steps (1-based) rank 0's loss is NaN.
+        self.nan_steps = {int(s) for s in os.environ.get("KTO_CLI_INJECT_NAN", "").split(",") if s}
 
     def setup(self) -> None:
         cfg, need = self.cfg, self.need
@@ -381,14 +386,30 @@ class Trainer:
         for k in range(accum):
             lo = (k * self.world + self.rank) * m
             micro = self.micro_step("train", batch[lo:lo + m])
-            self.backend.backward(micro.loss, accum)
+            if step + 1 in self.nan_steps and dist.is_main():
+                micro.loss, micro.metrics["loss"] = micro.loss * math.nan, micro.metrics["loss"] * math.nan
+            # a loss of inf can have finite gradients: made NaN, the step is surely skipped
+            self.backend.backward(micro.loss if torch.isfinite(micro.loss) else micro.loss * math.nan, accum)
             sums.add(micro.metrics)
             tokens += micro.tokens
-        grad_norm = self.backend.step()
+        grad_norm, applied = self.backend.step()
         tokens = float(dist.all_sum(torch.tensor(float(tokens))))
         out = sums.means(across_ranks=True)
         elapsed = time.perf_counter() - start
-        return {**out, "grad_norm": grad_norm, "lr": lr, "tokens/s": tokens / elapsed}
+        skipped = {} if dist.all_max(int(not applied)) == 0 else {"skipped": 1.0}  # every rank agrees
+        return {**out, "grad_norm": grad_norm, "lr": lr, "tokens/s": tokens / elapsed, **skipped}
+
+    def check_finite(self, done: int, metrics: dict) -> None:
+        """After a step: a skipped one gets a line; trainer.max_bad_steps of them in a row stop the run."""
+        if "skipped" not in metrics:
+            self.bad_steps = []
+            return
+        self.bad_steps.append(done)
+        log.warning("step %d: loss=%s, grad_norm=%s, skipped (%d in a row)", done, f"{metrics.get('loss', math.nan):.4g}",
+                    f"{metrics['grad_norm']:.4g}", len(self.bad_steps))
+        if len(self.bad_steps) >= self.cfg.trainer.max_bad_steps:
+            raise Diverged(f"steps {self.bad_steps[0]}-{done}: {len(self.bad_steps)} in a row with a non-finite loss "
+                           f"or gradient (trainer.max_bad_steps={self.cfg.trainer.max_bad_steps})", self.run_dir)
 
     @torch.no_grad()
     def evaluate(self, step: int, initial: bool = False) -> dict:
@@ -466,6 +487,7 @@ class Trainer:
                     self.after_step(step + 1, {}, preemption)
                     continue
                 last = self.optimizer_step(step)
+                self.check_finite(step + 1, last)
                 bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "kl", "rewards/margins") if k in last})
                 bar.update(1)
                 self.after_step(step + 1, last, preemption)

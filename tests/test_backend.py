@@ -35,10 +35,12 @@ def backend_and_data(seed: int = 0):
     return TorchBackend(Policy(lm), cfg, steps=10), ids
 
 
-def step(backend, ids) -> float:
+def step(backend, ids, poison: float = 1.0) -> float:
     loss = backend(lambda lm, x: lm(input_ids=x, labels=x).loss, ids)
-    backend.backward(loss, accum=1)
-    return backend.step()
+    backend.backward(loss * poison, accum=1)
+    norm, applied = backend.step()
+    assert applied == (poison == 1.0)
+    return norm
 
 
 def test_step_clips_and_reports_the_norm_before_clipping():
@@ -48,6 +50,19 @@ def test_step_clips_and_reports_the_norm_before_clipping():
     assert norm > 0.1  # clipped to 0.1: the reported norm is the one before
     assert all(p.grad is None for p in backend.params)  # zeroed for the next step
     assert any(not torch.equal(a, b) for a, b in zip(before, backend.params))
+
+
+def test_a_non_finite_gradient_skips_the_update_but_not_the_schedule():
+    """Weights and Adam's moments stay as they were; the next step is the one a run without the bad
+    step would have taken, at the next step's learning rate."""
+    a, ids = backend_and_data()
+    step(a, ids)
+    weights = [p.detach().clone() for p in a.params]
+    moments = {k: v.clone() for k, v in a.optimizer.state[a.params[0]].items()}
+    assert math.isnan(step(a, ids, poison=math.nan))
+    assert all(torch.equal(w, p) for w, p in zip(weights, a.params)) and all(p.grad is None for p in a.params)
+    assert all(torch.equal(v, a.optimizer.state[a.params[0]][k]) for k, v in moments.items())
+    assert a.scheduler.last_epoch == 2
 
 
 def test_saved_state_resumes_exactly(tmp_path):

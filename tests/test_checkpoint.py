@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kto_cli.backend import Policy, TorchBackend
-from kto_cli.checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
+from kto_cli.checkpoint import Diverged, export_final, latest_checkpoint, load_checkpoint, save_checkpoint
 from kto_cli.config import UserError
 from kto_cli.models import tiny_model, tiny_tokenizer
 
@@ -42,3 +42,14 @@ def test_final_loads_in_transformers_with_the_value_head(tmp_path):
         torch.testing.assert_close(loaded.state_dict()[k], v)
     assert (tmp_path / "final" / "value_head.safetensors").is_file()
     assert not list(tmp_path.glob("final.tmp*"))
+
+
+def test_weights_that_are_not_finite_are_never_exported(tmp_path):
+    backend = tiny_backend()
+    save_checkpoint(tmp_path, 3, backend, "fp-a")
+    with torch.no_grad():
+        next(backend.policy.lm.parameters())[0, 0] = float("inf")
+    with pytest.raises(Diverged, match=r"weights are not finite \(lm\.model\.embed_tokens\.weight\).*the last "
+                                       r"checkpoint is .*step_0000003"):
+        export_final(tmp_path, backend, backend.policy.lm, tiny_tokenizer())
+    assert not (tmp_path / "final").exists() and not list(tmp_path.glob("final.tmp*"))

@@ -63,6 +63,13 @@ def test_bad_overrides_fail_at_compose(override, words):
     (["dataset.max_prompt_length=600"], "max_prompt_length"),
     (["loss.beta=-1"], "loss.beta"),
     (["model=tiny", "model.source=hf", "model.name_or_path=???"], "name_or_path"),
+    (["trainer.max_grad_norm=-1"], "trainer.max_grad_norm must be positive, got -1.0"),
+    (["trainer.log_every=0"], "trainer.log_every must be positive"),
+    (["trainer.eval_batch_size=0"], "trainer.eval_batch_size must be positive"),
+    (["trainer.adam_beta2=1.0"], "trainer.adam_beta2 must be in [0, 1)"),
+    (["trainer.save_every=-5"], "trainer.save_every must be 0 (off) or positive"),
+    (["eval.max_prompts=0"], "eval.max_prompts must be positive or null"),
+    (["reference.batch_size=0"], "reference.batch_size must be positive"),
 ])
 def test_semantic_checks_fail_before_any_model_loads(overrides, words):
     with pytest.raises(UserError, match="invalid config") as e:

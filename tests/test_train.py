@@ -155,6 +155,30 @@ def test_a_run_nobody_resumes_skips_the_first_answers_and_the_last_checkpoint(tm
     assert [m["step"] for m in read_metrics(tmp_path / "sft", "eval")] == [1]
 
 
+@pytest.mark.slow
+def test_a_nan_step_is_skipped_and_max_bad_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, caplog):
+    """A NaN loss at step 3 (KTO_CLI_INJECT_NAN): one line, no update (step 3's checkpoint holds step
+    2's weights), the run goes on and exports final/. At steps 2-4 with max_bad_steps=3: the run
+    stops (Diverged) at step 4, naming its last checkpoint, with no final/."""
+    from safetensors.torch import load_file
+    from kto_cli.checkpoint import Diverged
+    monkeypatch.setenv("KTO_CLI_INJECT_NAN", "3")
+    with caplog.at_level(logging.WARNING, logger="kto_cli"):
+        train(make_config(*TINY, "trainer.max_steps=5", "trainer.save_every=1"), tmp_path / "a")
+    assert "step 3: loss=nan, grad_norm=nan, skipped (1 in a row)" in caplog.text
+    train_log = {r["step"]: r for r in read_metrics(tmp_path / "a", "train")}
+    assert [s for s, r in train_log.items() if "skipped" in r] == [3] and train_log[4]["loss"] == train_log[4]["loss"]
+    weights = [load_file(tmp_path / "a" / "checkpoints" / f"step_{s:07d}" / "model" / "model.safetensors")
+               for s in (2, 3, 4)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[1][k], weights[2][k]) for k in weights[0])
+    assert (tmp_path / "a" / "final" / "config.json").is_file()
+    monkeypatch.setenv("KTO_CLI_INJECT_NAN", "2,3,4")
+    with pytest.raises(Diverged, match=r"steps 2-4: 3 in a row .* the last checkpoint is .*step_0000003"):
+        train(make_config(*TINY, "trainer.max_steps=6", "trainer.save_every=1"), tmp_path / "b")
+    assert not (tmp_path / "b" / "final").exists()
+
+
 def test_a_row_without_what_the_verifier_needs_stops_before_the_model_loads(tmp_path, monkeypatch):
     """verifier=choice needs each held-out row's options: one line naming file, row and field."""
     from kto_cli import train as train_mod
