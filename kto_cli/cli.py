@@ -38,25 +38,30 @@ EXIT_DIVERGED = 3  # non-finite losses, gradients or weights: rerunning as is wo
 
 @hydra.main(version_base=None, config_path="pkg://kto_cli.conf", config_name="config")
 def _train(cfg: DictConfig) -> None:
-    from .checkpoint import Diverged  # imported late: transformers loads slowly
-    from .preemption import Preempted
-    from .train import train
+    from .preemption import Preempted, Preemption, mark
 
-    try:
-        run = to_run_config(cfg)
-        out = Path(HydraConfig.get().runtime.output_dir)
-        train(run, out)
-        if env_ranks()[0] > 0 and out.name.startswith("kto-train-rank"):
-            shutil.rmtree(out, ignore_errors=True)  # this rank's unused Hydra dir
-    except UserError as e:
-        print(f"kto-train: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Preempted as e:
-        print(f"kto-train: {e}", file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
-    except Diverged as e:
-        print(f"kto-train: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_DIVERGED)
+    out, main = Path(HydraConfig.get().runtime.output_dir), env_ranks()[0] == 0
+    with Preemption():  # from the start: a signal while modules load is kept for the first check
+        from .checkpoint import Diverged  # imported late: transformers loads slowly
+        from .train import train
+        try:
+            run = to_run_config(cfg)
+            if main:
+                mark(out, None)
+            train(run, out)
+            if env_ranks()[0] > 0 and out.name.startswith("kto-train-rank"):
+                shutil.rmtree(out, ignore_errors=True)  # this rank's unused Hydra dir
+        except UserError as e:
+            print(f"kto-train: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except Preempted as e:
+            if main:
+                mark(out, e)
+            print(f"kto-train: {e}", file=sys.stderr)
+            sys.exit(EXIT_PREEMPTED)
+        except Diverged as e:
+            print(f"kto-train: error: {e}", file=sys.stderr)
+            sys.exit(EXIT_DIVERGED)
 
 
 @hydra.main(version_base=None, config_path="pkg://kto_cli.conf", config_name="config")

@@ -33,7 +33,8 @@ from .logprobs import (Layout, Logps, Runner, completion_logps, completion_logps
 from .losses import kl_estimate
 from .metrics import MetricSums, MetricsLog, pair_accuracy, peak_gpu_mb, peak_rss_mb, print_summary
 from .models import load_model, load_tokenizer
-from .preemption import Preempted, Preemption
+from . import preemption as preempt
+from .preemption import Preemption
 from .reference import open_cache
 from .sampling import batch_indices, data_order, length_grouped, total_steps, visited_indices
 
@@ -111,6 +112,7 @@ class Trainer:
         else:
             self.backend = TorchBackend(policy, cfg, self.steps)
         self.use_data()
+        preempt.check(self.run_dir, "after loading the model and the reference log-probs (kept for resuming)")
 
     def total_steps(self) -> int:
         return total_steps(self.cfg, len(self.units["train"]))
@@ -481,6 +483,7 @@ class Trainer:
                   disable=not self.show_progress) as bar, Preemption() as preemption:
             self.ready(start_step, preemption)
             before = self.evaluate_before(start_step)
+            preemption.check(self.run_dir, "after the evaluation before training")
             for step in range(start_step, self.steps):
                 if not self.ready(step, preemption):  # nothing to train on: evaluation and checkpoints go on
                     bar.update(1)
@@ -545,22 +548,27 @@ class Trainer:
 
     def stop(self, done: int, preemption: Preemption, saved: bool = False) -> None:
         """On a scheduler's signal: the checkpoint of step `done` (unless saved), then Preempted."""
+        path = self.run_dir / "checkpoints" / f"step_{done:07d}"
         if not saved:
-            save_checkpoint(self.run_dir, done, self.backend, fingerprint(self.cfg))
+            path = save_checkpoint(self.run_dir, done, self.backend, fingerprint(self.cfg))
         if self.metrics_log is not None:
             self.metrics_log.close()
-        preemption.hand_over()
-        raise Preempted(done, self.run_dir, preemption.signal)
+        preemption.stop(self.run_dir, f"after step {done}; checkpoint {path}", done)
 
     def finish(self, before: dict, last: dict, train_time: float, started: float,
                sft_phase: Optional[dict] = None) -> dict:
-        """The final evaluation, checkpoint and final/, and the summary."""
+        """The final checkpoint, evaluation and final/, and the summary. A signal that came during
+        the last step stops the run with the final checkpoint (resuming, it evaluates and exports);
+        one that comes later lets the job finish (the rest is the evaluation's log and the export)."""
+        preemption = Preemption.active
+        if preemption is not None and preemption.requested():
+            self.stop(self.steps, preemption)
+        if self.cfg.trainer.final_checkpoint:  # before the evaluation: a job killed during it keeps the steps
+            save_checkpoint(self.run_dir, self.steps, self.backend, fingerprint(self.cfg))
         after = self.evaluate(self.steps) if "eval" in self.splits else {}
         self.log_metrics(self.steps, "eval", after)
         if self.metrics_log is not None:
             self.metrics_log.close()
-        if self.cfg.trainer.final_checkpoint:
-            save_checkpoint(self.run_dir, self.steps, self.backend, fingerprint(self.cfg))
         self.objective.export(self.tokenizer)
         export_final(self.run_dir, self.backend, self.model, self.tokenizer)
         ref = self.reference_report or {}
@@ -592,6 +600,20 @@ def sft_phase(cfg: RunConfig) -> RunConfig:
                    trainer=replace(t, max_steps=t.sft_steps, sft_steps=0, resume="auto" if t.resume else None))
 
 
+def finished_phase(cfg: RunConfig, folder: Path) -> Optional[dict]:
+    """The summary of a phase that a resumed job finished before it stopped (its final/ and summary
+    written under this config), else None: it runs (again)."""
+    if not (cfg.trainer.resume and (folder / "summary.json").is_file() and (folder / "final").is_dir()):
+        return None
+    saved = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
+    now = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    saved["trainer"]["resume"] = now["trainer"]["resume"] = None  # the first attempt ran without resume
+    if saved != now:
+        return None
+    log.info("%s: finished before the job stopped, kept", folder)
+    return json.loads((folder / "summary.json").read_text())
+
+
 def from_model(cfg: RunConfig, folder: Path) -> RunConfig:
     """The run's loss phase: the same config, training (and taking its reference) from `folder`."""
     model = replace(cfg.model, source=ModelSource.hf, name_or_path=str(folder), gguf_file=None, revision=None)
@@ -603,19 +625,23 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     run_dir/sft when trainer.sft_steps asks for one, then the loss: on the dataset, or with
     online.prompts, in rounds on the policy's own answers (kto_cli/online.py). Returns the summary it also
     writes to summary.json. Only rank 0 writes logs, the summary and final/."""
-    started, first = time.perf_counter(), None
-    if cfg.trainer.sft_steps:
-        phase = Trainer(sft_phase(cfg), run_dir / "sft")
-        phase.setup()
-        first = phase.train(started)
-        first = {k: first[k] for k in ("steps", "train_seconds", "eval_before", "eval_after",
-                                        "examples_before", "examples_after")} | {"run_dir": str(phase.run_dir)}
-        cfg = from_model(cfg, phase.run_dir / "final")
-        phase.cleanup()
-    from .online import OnlineTrainer  # it builds on Trainer
-    tr = (OnlineTrainer if cfg.online.prompts else Trainer)(cfg, run_dir)
-    tr.setup()
-    summary = tr.train(started, first)
+    with Preemption():  # from here to the end, a scheduler's signal stops the job where it can resume
+        started, first = time.perf_counter(), None
+        if cfg.trainer.sft_steps:
+            first = finished_phase(sft_phase(cfg), run_dir / "sft")
+            if first is None:
+                phase = Trainer(sft_phase(cfg), run_dir / "sft")
+                phase.setup()
+                first = phase.train(started)
+                phase.cleanup()
+                preempt.check(run_dir, "after the SFT phase (its final/ is kept)")
+            first = {k: first[k] for k in ("steps", "train_seconds", "eval_before", "eval_after",
+                                            "examples_before", "examples_after")} | {"run_dir": str(run_dir / "sft")}
+            cfg = from_model(cfg, run_dir / "sft" / "final")
+        from .online import OnlineTrainer  # it builds on Trainer
+        tr = (OnlineTrainer if cfg.online.prompts else Trainer)(cfg, run_dir)
+        tr.setup()
+        summary = tr.train(started, first)
     if dist.is_main():
         print_summary(summary, tr.run_dir)
     return summary

@@ -129,10 +129,12 @@ FAKE = {
     "sbatch": 'echo "sbatch $*" >> "$FAKE_LOG"; echo "Submitted batch job 4242"',
     "scontrol": 'echo "scontrol $*" >> "$FAKE_LOG"; if [ "$1 $2" = "show hostnames" ]; then printf "node7\\nnode8\\n"; fi',
     # srun records its command line and rendezvous, then exits FAKE_SRUN_STATUS; on USR1 it exits
-    # 75 as kto-train does after writing its checkpoint
+    # 75 as kto-train does after writing its checkpoint, or with FAKE_SRUN_KILLED, writes the run
+    # dir's marker as kto-train's rank 0 does and exits 137 as srun --kill-on-bad-exit may
     "srun": ('echo "srun $* MASTER=$MASTER_ADDR:$MASTER_PORT" >> "$FAKE_LOG"\n'
-             'trap \'echo "srun got USR1" >> "$FAKE_LOG"; exit 75\' USR1\n'
-             'if [ -n "${FAKE_SRUN_SLEEP:-}" ]; then sleep "$FAKE_SRUN_SLEEP" & wait $!; fi\n'
+             'trap \'echo "srun got USR1" >> "$FAKE_LOG"; kill $SLEEP 2>/dev/null; if [ -n "${FAKE_SRUN_KILLED:-}" ]; '
+             'then mkdir -p runs/77 && touch runs/77/PREEMPTED && exit 137; fi; exit 75\' USR1\n'
+             'if [ -n "${FAKE_SRUN_SLEEP:-}" ]; then sleep "$FAKE_SRUN_SLEEP" & SLEEP=$!; wait $SLEEP; fi\n'
              'exit "${FAKE_SRUN_STATUS:-0}"'),
 }
 
@@ -179,11 +181,15 @@ def test_sweep_script_submits_one_array_task_per_point(tmp_path, fake_slurm):
 
 
 @pytest.mark.subprocess
-def test_train_sbatch_forwards_the_signal_and_requeues(tmp_path, fake_slurm):
+@pytest.mark.parametrize("killed", [False, True])
+def test_train_sbatch_forwards_the_signal_and_requeues(tmp_path, fake_slurm, killed):
     """USR1 from Slurm reaches the batch shell; it passes it to srun, kto-train exits 75 after its
-    checkpoint, and the script requeues the job."""
+    checkpoint, and the script requeues the job; also when srun reports 137 (--kill-on-bad-exit)
+    but rank 0 left the run dir's PREEMPTED marker."""
     env, log = fake_slurm
     env.update(SLURM_JOB_ID="77", SLURM_JOB_NODELIST="node7", SLURM_JOB_NUM_NODES="1", FAKE_SRUN_SLEEP="30")
+    if killed:
+        env["FAKE_SRUN_KILLED"] = "1"
     p = subprocess.Popen(["bash", str(ROOT / "scripts/slurm/train.sbatch"), "model=tiny"], env=env, cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for _ in range(100):
@@ -222,8 +228,10 @@ def test_preemption_signal_checkpoints_and_resume_continues(tmp_path):
     step = max(losses(stopped))
     assert step < 150 and (stopped / "checkpoints" / f"step_{step:07d}").is_dir()
     assert f"after step {step}" in err and not (stopped / "final").exists()
+    assert f"after step {step}" in (stopped / "PREEMPTED").read_text()  # what a batch script requeues on
 
     kto_train(*args, f"hydra.run.dir={stopped}", "trainer.resume=auto")
+    assert not (stopped / "PREEMPTED").exists()
     full = tmp_path / "full"
     kto_train(*args, f"hydra.run.dir={full}")
     resumed, uninterrupted = losses(stopped), losses(full)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kto_cli.evaluate import read_samples
 from kto_cli.metrics import read_metrics
 from kto_cli.train import train
 
@@ -177,6 +178,70 @@ def test_a_nan_step_is_skipped_and_max_bad_steps_in_a_row_stop_the_run(tmp_path,
     with pytest.raises(Diverged, match=r"steps 2-4: 3 in a row .* the last checkpoint is .*step_0000003"):
         train(make_config(*TINY, "trainer.max_steps=6", "trainer.save_every=1"), tmp_path / "b")
     assert not (tmp_path / "b" / "final").exists()
+
+
+PHASED = [*TINY, "trainer.sft_steps=2", "trainer.max_steps=3", "eval.generation.max_new_tokens=3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run = tmp_path_factory.mktemp("uninterrupted")
+    train(make_config(*PHASED), run)
+    return run
+
+
+# where the signal comes: (function, which call of it), what the run says when it stops (None: it
+# finishes, the signal coming when only the export is left)
+PHASES = {
+    "sft phase, its last step": ("kto_cli.train.Trainer.optimizer_step", 2, "after step 2; checkpoint .*sft"),
+    "sft phase, its export": ("kto_cli.train.export_final", 1, "after the SFT phase"),
+    "reference pass": ("kto_cli.reference.compute", 1, "after loading the model and the reference log-probs"),
+    "first evaluation": ("kto_cli.train.Trainer.evaluate_generation", 3, "after the evaluation before training"),
+    "last step": ("kto_cli.train.Trainer.optimizer_step", 5, "after step 3"),
+    "export": ("kto_cli.train.export_final", 2, None),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", list(PHASES))
+def test_a_signal_in_any_phase_stops_resumable_and_resuming_ends_as_an_uninterrupted_run(
+        tmp_path, monkeypatch, uninterrupted, phase):
+    """SIGUSR1 in each phase of a job with an SFT phase: the job stops at the next point that keeps
+    its work (Preempted, exit 75 from kto-train), and `trainer.resume=auto` ends with the losses and
+    held-out answers of a run nobody stopped."""
+    import importlib
+    import os
+    import signal
+    from kto_cli.preemption import Preempted
+    target, nth, stops = PHASES[phase]
+    where, name = target.rsplit(".", 1)
+    owner = importlib.import_module(where) if not where.endswith("Trainer") else \
+        importlib.import_module(where.rsplit(".", 1)[0]).Trainer
+    real, calls = getattr(owner, name), []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == nth:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, signalled)
+    if stops is None:
+        train(make_config(*PHASED), tmp_path)
+    else:
+        with pytest.raises(Preempted, match=stops):
+            train(make_config(*PHASED), tmp_path)
+        assert not (tmp_path / "final").exists()
+        monkeypatch.setattr(owner, name, real)
+        train(make_config(*PHASED, "trainer.resume=auto"), tmp_path)
+    for sub in ("sft", "."):
+        want, got = read_metrics(uninterrupted / sub), read_metrics(tmp_path / sub)
+        assert [r["step"] for r in got] == [r["step"] for r in want], sub
+        for w, g in zip(want, got):
+            for k in w:
+                if k.startswith(("train/loss", "eval/gen/score", "eval/rewards", "eval/logps")):
+                    assert g[k] == pytest.approx(w[k], abs=1e-6), (sub, w["step"], k)
+    samples = [(r["step"], r["completion"]) for r in read_samples(tmp_path / "samples.jsonl")]
+    assert samples == [(r["step"], r["completion"]) for r in read_samples(uninterrupted / "samples.jsonl")]
 
 
 def test_a_row_without_what_the_verifier_needs_stops_before_the_model_loads(tmp_path, monkeypatch):
