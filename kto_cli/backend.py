@@ -239,9 +239,12 @@ def local_device(local_rank: int) -> torch.device:
     return torch.device(acc.device_name(local_rank))
 
 
-def init_deepspeed_distributed() -> None:
+def init_deepspeed_distributed(timeout_s: Optional[float] = None) -> None:
+    import datetime
+
     import deepspeed
     from .distributed import export_env
     export_env()
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_init_required=True, verbose=False)
+        extra = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        deepspeed.init_distributed(dist_init_required=True, verbose=False, **extra)

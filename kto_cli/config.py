@@ -240,6 +240,9 @@ class ReferenceConfig:
     batch_size: int = 16
     cache: CacheMode = CacheMode.readwrite
     cache_dir: Optional[str] = None  # default: $KTO_CLI_CACHE/reference or ~/.cache/kto-cli/reference
+    # Seconds to wait for another run computing values for the same model (a sweep's points start
+    # together) before computing them here too; null: as long as that run lives
+    lock_wait: Optional[float] = None
 
 
 class Offload(Enum):
@@ -258,6 +261,9 @@ class DeepSpeedConfig:
     overlap_comm: bool = False  # overlap gradient reduction with backward (GPU memory for speed)
     contiguous_gradients: bool = True
     reduce_bucket_size: int = 200_000_000  # elements
+    # How long a collective (all-reduce, broadcast) may wait for the slowest rank before the run
+    # fails; null: torch's default (30 min)
+    timeout_s: Optional[float] = None
     # ZeRO-3: build the model already sharded (deepspeed.zero.Init), so a model larger than one
     # device's memory loads
     zero_init: bool = True
@@ -364,7 +370,8 @@ def check_numbers(run: RunConfig) -> None:
                 "reference.batch_size": r.batch_size, "deepspeed.reduce_bucket_size": run.deepspeed.reduce_bucket_size}
     optional = {"trainer.threads": t.threads, "trainer.pack_length": t.pack_length, "eval.max_prompts": e.max_prompts,
                 "dataset.max_train_rows": d.max_train_rows, "dataset.max_eval_rows": d.max_eval_rows,
-                "verifier.timeout_s": run.verifier.timeout_s}
+                "verifier.timeout_s": run.verifier.timeout_s, "reference.lock_wait": r.lock_wait,
+                "deepspeed.timeout_s": run.deepspeed.timeout_s}
     for key, v in positive.items():
         _check(v > 0, f"{key} must be positive, got {v}")
     for key, v in optional.items():

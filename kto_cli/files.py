@@ -1,4 +1,5 @@
 """Files later trusted are written whole or not at all."""
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -10,8 +11,13 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     system): a crash never leaves a half-written file under `path` that a later run would trust,
     and two processes writing the same content leave one valid file."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, say: no half-written temp file is left behind
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

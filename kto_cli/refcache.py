@@ -12,7 +12,8 @@ batch order, batch size or world size.
 Shards are written under a temp name and renamed to the hash of their content: two processes
 writing the same values produce the same name and leave one valid file. Each shard carries a
 checksum of its tensors; a shard that fails it (truncated, corrupted) is set aside and its values
-are recomputed.
+are recomputed. The cache is an optimisation: an error reading or writing it (a full disk, a
+read-only or vanished folder) is one warning, and the run goes on with the values in memory.
 """
 import contextlib
 import fcntl
@@ -20,12 +21,14 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from .files import atomic_write
@@ -33,6 +36,7 @@ from .files import atomic_write
 log = logging.getLogger("kto_cli")
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.gguf", "config.json")
+WAIT_LINE_S = 60  # a line this often while waiting for another run's lock
 
 
 def sequence_key(prompt: list, completion: list) -> bytes:
@@ -63,9 +67,16 @@ def folder_digest(folder: Path, memo_path: Path) -> str:
     h = hashlib.sha256()
     for p in files:
         h.update(f"{p.name}:{file_digest(p, memo)}\n".encode())
-    memo_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(memo_path, lambda tmp: tmp.write_text(json.dumps(memo)))
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(memo_path, lambda tmp: tmp.write_text(json.dumps(memo)))
+    except OSError as e:  # the next start hashes the files again
+        warn_io("could not keep the file hashes", memo_path, e)
     return h.hexdigest()
+
+
+def warn_io(what: str, where: Path, e: Exception) -> None:
+    log.warning("reference cache: %s in %s (%s); going on without", what, where, getattr(e, "strerror", None) or e)
 
 
 def _tensor_checksum(arrays: dict) -> str:
@@ -79,9 +90,9 @@ def _tensor_checksum(arrays: dict) -> str:
 class RefCache:
     """Reference log-probs of one model (and precision), per token or per sequence."""
 
-    def __init__(self, root: Path, model_key: str, per_token: bool, writable: bool):
+    def __init__(self, root: Path, model_key: str, per_token: bool, writable: bool, lock_wait: Optional[float] = None):
         self.dir = Path(root) / model_key / ("tok" if per_token else "seq")
-        self.per_token, self.writable = per_token, writable
+        self.per_token, self.writable, self.lock_wait = per_token, writable, lock_wait
         self.entries = {}  # key bytes -> (seq value, per-token array or None)
         self.corrupt = 0
         self.read = set()  # shard names already read
@@ -89,31 +100,71 @@ class RefCache:
 
     def refresh(self) -> None:
         """Reads the shards stored since the last look (by another run of a sweep, say)."""
-        if self.dir.is_dir():
-            for shard in sorted(self.dir.glob("*.safetensors")):
-                if shard.name not in self.read:
-                    self._read(shard)
+        try:
+            shards = sorted(self.dir.glob("*.safetensors")) if self.dir.is_dir() else []
+        except OSError as e:
+            return warn_io("could not list the stored values", self.dir, e)
+        for shard in shards:
+            if shard.name not in self.read:
+                self._read(shard)
 
     @contextlib.contextmanager
-    def computing(self):
+    def computing(self, wait=None):
         """Held while a run finds the missing values, computes and stores them: runs of a sweep
         started together wait here, then find the first one's values instead of computing them
-        again. An exclusive flock on a file beside the shards (released if the holder dies)."""
+        again. An exclusive flock on a file beside the shards (released if the holder dies), which
+        names its holder. wait(seconds waited, holder) -> bool is called about once a second while
+        another run holds it (under torch.distributed: a collective, so every rank waits with
+        rank 0); it returns whether to stop waiting. Past lock_wait seconds the run computes the
+        values itself (the same values, under the same names: safe)."""
         if not self.writable:
             yield
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".computing.lock", "a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("reference cache: another run is computing values for this model; waiting for it (%s)", self.dir)
-                fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            f = open(self.dir / ".computing.lock", "a+b", buffering=0)
+        except OSError as e:
+            warn_io("could not take the lock", self.dir, e)
+            self.writable = False
+            yield
+            return
+        with f:
+            held = self._acquire(f, wait)
             try:
                 self.refresh()
                 yield
             finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                if held:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _acquire(self, f, wait) -> bool:
+        """Waits for the lock (see computing); whether this run holds it."""
+        started, said = time.monotonic(), 0
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pass
+            waited = time.monotonic() - started
+            f.seek(0)
+            holder = f.read().decode(errors="replace").strip() or "another run"
+            if waited >= WAIT_LINE_S * (said + 1):
+                said += 1
+                wait_for = f"{waited / 60:.0f} min" if waited >= 60 else f"{waited:.0f} s"
+                log.info("reference cache: waiting %s for %s, which is computing values for this model (%s)",
+                         wait_for, holder, self.dir)
+            if (wait(waited, holder) if wait else False) or (self.lock_wait is not None and waited >= self.lock_wait):
+                log.warning("reference cache: stopped waiting for %s after %.0f s (reference.lock_wait); "
+                            "computing the values here", holder, waited)
+                return False
+            time.sleep(1.0)
+        try:  # who holds it, for the runs that wait (best effort: a full disk leaves it unnamed)
+            f.seek(0), f.truncate()
+            f.write(f"{socket.gethostname()}:{os.getpid()} (job {os.environ.get('SLURM_JOB_ID', 'none')})\n".encode())
+        except OSError:
+            pass
+        return True
 
     def _read(self, shard: Path) -> None:
         self.read.add(shard.name)
@@ -123,11 +174,16 @@ class RefCache:
                 checksum = (f.metadata() or {}).get("checksum")
             if checksum != _tensor_checksum(arrays):
                 raise ValueError("checksum mismatch")
+        except FileNotFoundError:  # set aside (or pruned) by another run since this one listed it
+            return
         except Exception as e:  # truncated or corrupted: never trusted, recomputed
             self.corrupt += 1
             log.warning("reference cache: %s is damaged (%s); set aside, its values will be recomputed",
                         shard, str(e).splitlines()[0] if str(e) else type(e).__name__)
-            os.replace(shard, shard.with_name(f"{shard.name}.corrupt-{os.getpid()}"))
+            try:
+                os.replace(shard, shard.with_name(f"{shard.name}.corrupt-{os.getpid()}"))
+            except OSError:  # another run set it aside first, or the folder is read-only
+                pass
             return
         keys, seq = arrays["keys"], arrays["seq"]
         offsets = arrays.get("offsets")
@@ -139,7 +195,8 @@ class RefCache:
         return self.entries.get(key)
 
     def put(self, keys: list, seq: torch.Tensor, tokens: Optional[list] = None) -> Optional[Path]:
-        """Stores new values as one shard named by its content; returns its path."""
+        """Stores new values as one shard named by its content; returns its path (None where they
+        could not be stored: this run keeps them in memory)."""
         if not self.writable or not keys:
             return None
         arrays = {"keys": np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16).copy(),
@@ -148,11 +205,15 @@ class RefCache:
             arrays["offsets"] = np.concatenate([[0], np.cumsum([len(t) for t in tokens])]).astype(np.int64)
             arrays["tokens"] = np.concatenate([t.numpy() for t in tokens]).astype(np.float32)
         checksum = _tensor_checksum(arrays)
-        self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"{checksum[:32]}.safetensors"
-        # same content, same name: concurrent writers leave one valid file
-        atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata={"checksum": checksum}))
-        self.read.add(path.name)
         for i, k in enumerate(keys):
             self.entries[k] = (float(arrays["seq"][i]), tokens[i].numpy() if self.per_token else None)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            # same content, same name: concurrent writers leave one valid file
+            atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata={"checksum": checksum}))
+        except (OSError, SafetensorError) as e:
+            warn_io(f"could not store {len(keys)} values", self.dir, e)
+            return None
+        self.read.add(path.name)
         return path

@@ -76,9 +76,16 @@ def reference_pass(get_model: Callable, splits: dict, kl, per_token: bool, cache
     jobs = wanted(splits, kl)
     keys = [[sequence_key(*s) for s in seqs] for _, _, _, seqs in jobs]
     # one run at a time finds and computes what is missing (sharded precompute processes split the
-    # work instead); under torch.distributed rank 0 holds the lock for all ranks
-    locking = cache is not None and (exchange or shard[1] == 1) and dist.is_main()
-    with cache.computing() if locking else contextlib.nullcontext():
+    # work instead); under torch.distributed rank 0 holds the lock for all ranks, and the others
+    # wait with it in short collectives (one long one would time out)
+    locking = cache is not None and (exchange or shard[1] == 1)
+    if locking and exchange and not dist.is_main():
+        while not dist.broadcast(None):  # rank 0: False while it waits, True once it may go on
+            pass
+    waiting = (lambda waited, holder: dist.broadcast(False) and False) if exchange else None
+    with cache.computing(waiting) if locking and dist.is_main() else contextlib.nullcontext():
+        if locking and exchange and dist.is_main():
+            dist.broadcast(True)
         todo = {}
         for job, job_keys in zip(jobs, keys):
             for k, s in zip(job_keys, job[3]):
@@ -164,7 +171,7 @@ def open_cache(cfg: RunConfig, tokenizer) -> Optional[RefCache]:
     root = Path(r.cache_dir) if r.cache_dir else cache_root() / "reference"
     key = model_key(cfg.model, len(tokenizer), precision_tag(cfg))
     return RefCache(root, key, objectives.objective_class(cfg.loss).needs.per_token,
-                    writable=r.cache == CacheMode.readwrite)
+                    writable=r.cache == CacheMode.readwrite, lock_wait=r.lock_wait)
 
 
 def precision_tag(cfg: RunConfig) -> str:

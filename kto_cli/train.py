@@ -207,7 +207,7 @@ class Trainer:
             return
         from .backend import init_deepspeed_distributed, local_device
         self.ds_config = ds_config(self.cfg, self.world)  # checks the batch sizes before anything loads
-        init_deepspeed_distributed()
+        init_deepspeed_distributed(self.cfg.deepspeed.timeout_s)
         mine = config_digest(self.cfg)
         if not all(h == mine for h in dist.gather(mine)):
             raise UserError("the processes composed different configs (different command lines or config "

@@ -163,3 +163,23 @@ def test_sft_phase_and_online_rounds_over_two_ranks_match_one_process(tmp_path):
     for r in (1, 2):
         answers = [(p / "rounds" / str(r) / "samples.jsonl").read_text() for p in (tmp_path / "single", tmp_path / "two")]
         assert answers[0] == answers[1] and 0 < len(answers[0].splitlines()) <= 4 * 4
+
+
+def test_two_ranks_wait_together_on_another_runs_lock_longer_than_the_collective_timeout(tmp_path, single):
+    """Another run holds the reference cache's lock for longer than deepspeed.timeout_s: rank 1 waits
+    with rank 0 in short collectives (not one long one that would time out); past
+    reference.lock_wait the run computes the values itself, and trains as one process does."""
+    import fcntl
+    from kto_cli.models import tiny_tokenizer
+    from kto_cli.reference import open_cache
+    overrides = ["deepspeed=zero2", "trainer.max_steps=4", "trainer.micro_batch_size=2"]
+    cache = open_cache(make_config(*COMMON, *overrides), tiny_tokenizer())
+    cache.dir.mkdir(parents=True)
+    with open(cache.dir / ".computing.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write("node9:4242 (job 77)\n")
+        lock.flush()
+        out = launch(tmp_path, *overrides, "deepspeed.timeout_s=8", "reference.lock_wait=16", env=NAN_AT)
+    assert "stopped waiting for node9:4242 (job 77) after 16 s" in out.stdout + out.stderr
+    for step, (loss, kl) in single[0].items():
+        assert train_losses(tmp_path)[step] == pytest.approx((loss, kl), abs=2e-5, nan_ok=True)

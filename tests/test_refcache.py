@@ -1,6 +1,7 @@
 """The shared reference cache: reuse by content, invalidation, damage, concurrent writers, precompute."""
 import multiprocessing as mp
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,87 @@ def test_the_key_changes_with_the_log_prob_code(monkeypatch):
     before = models.model_key(cfg, 259, "fp32")
     monkeypatch.setattr(models, "LOGPROBS_VERSION", "logprobs-next")
     assert models.model_key(cfg, 259, "fp32") != before
+
+
+# ---------------------------------------------------------------- faults: the cache is an optimisation
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size, read_only=False) -> a tmpfs of that many bytes (a real full or read-only disk);
+    skipped where this machine does not let the test mount one (not root, no CAP_SYS_ADMIN)."""
+    mounts = []
+
+    def mount(size: int, read_only: bool = False) -> Path:
+        where = tmp_path / f"disk{len(mounts)}"
+        where.mkdir()
+        opts = f"size={size}" + (",ro" if read_only else "")
+        out = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True)
+        if out.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({out.stderr.strip() or out.returncode})")
+        mounts.append(where)
+        return where
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill(disk: Path) -> None:
+    """Leaves no free byte on the disk."""
+    with open(disk / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_a_full_or_read_only_cache_disk_is_a_warning_and_the_run_goes_on(tmp_path, small_disk, caplog, fault):
+    """The values that cannot be stored stay in memory: the run equals one without a cache, and no
+    temp file is left behind."""
+    import logging
+    train(make_config(*FIRST, "reference.cache=off"), tmp_path / "plain")
+    disk = small_disk(64 * 1024, read_only=fault == "read-only")
+    if fault == "full":
+        fill(disk)
+    with caplog.at_level(logging.WARNING, logger="kto_cli"):
+        train(make_config(*FIRST, f"reference.cache_dir={disk}"), tmp_path / "run")
+    assert "reference cache: could not" in caplog.text and "going on without" in caplog.text
+    torch.testing.assert_close(ref_values(tmp_path / "plain")["train"], ref_values(tmp_path / "run")["train"],
+                               equal_nan=True)
+    assert not [p for p in disk.rglob("*") if ".tmp-" in p.name]
+    if fault == "read-only":  # reading only: nothing to write, nothing to warn about but the lock-free look
+        caplog.clear()
+        train(make_config(*FIRST, f"reference.cache_dir={disk}", "reference.cache=read"), tmp_path / "read")
+
+
+def test_a_shard_another_run_set_aside_first_is_skipped(tmp_path):
+    """Two runs find the same damaged shard: the second finds it gone when it reads or moves it."""
+    cache = RefCache(tmp_path, "model", per_token=False, writable=True)
+    path = cache.put([sequence_key([1], [2])], torch.tensor([0.5]))
+    path.write_bytes(path.read_bytes()[:-10])
+    second = RefCache.__new__(RefCache)
+    second.__dict__.update(entries={}, corrupt=0, read=set(), dir=cache.dir, per_token=False)
+    RefCache(tmp_path, "model", per_token=False, writable=True)  # the first run sets it aside
+    second._read(path)  # the second listed it before that
+    assert second.corrupt == 0 and second.entries == {} and len(list(cache.dir.glob("*.corrupt-*"))) == 1
+
+
+def test_the_lock_names_its_holder_and_lock_wait_stops_the_wait(tmp_path, caplog, monkeypatch):
+    """A run waiting on another's lock says for whom; past reference.lock_wait it computes itself."""
+    import fcntl
+    import logging
+    from kto_cli import refcache
+    cache = RefCache(tmp_path, "model", per_token=False, writable=True, lock_wait=2.5)
+    with cache.computing():
+        holder = (cache.dir / ".computing.lock").read_text()
+    assert holder.startswith(f"{os.uname().nodename}:{os.getpid()} (job ")
+    monkeypatch.setattr(refcache, "WAIT_LINE_S", 1)
+    with open(cache.dir / ".computing.lock", "r+") as other:  # another open file: a second holder for flock
+        fcntl.flock(other, fcntl.LOCK_EX)
+        other.seek(0), other.truncate(), other.write("node9:4242 (job 77)\n"), other.flush()
+        with caplog.at_level(logging.INFO, logger="kto_cli"), cache.computing():
+            pass
+    assert re.search(r"waiting \d s for node9:4242 \(job 77\)", caplog.text)
+    assert "stopped waiting for node9:4242 (job 77) after" in caplog.text
