@@ -143,7 +143,7 @@ class TorchBackend:
         if unexpected or [k for k in missing if "lm_head" not in k]:
             raise UserError(f"{folder}: checkpoint weights do not fit the model "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+        state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)  # runs no code
         if self.policy.value_head is not None:
             self.policy.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])

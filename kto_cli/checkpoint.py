@@ -1,6 +1,8 @@
 """Checkpoints and the final export, each written under a temp name and renamed when complete, so
 a crash never leaves a folder that a later resume or user would trust. With several processes every
 rank writes its part into the same temp folder; rank 0 renames it once all have finished."""
+import json
+import logging
 import os
 import re
 import shutil
@@ -13,7 +15,17 @@ from safetensors.torch import save_file
 from . import distributed as dist
 from .config import UserError
 
+log = logging.getLogger("kto_cli")
+
 STEP_DIR = re.compile(r"^step_(\d+)$")
+# Settings a resumed run may change: how it logs, evaluates, saves and runs its kernels, not what it trains.
+FREE_TO_CHANGE = ("trainer.resume", "trainer.progress", "trainer.log_every", "trainer.save_every",
+                  "trainer.eval_every", "trainer.eval_batch_size", "trainer.threads", "trainer.device",
+                  "trainer.final_checkpoint", "trainer.max_bad_steps", "trainer.keep_checkpoints",
+                  "trainer.micro_batch_size", "trainer.gradient_checkpointing", "trainer.shared_prompt",
+                  "trainer.packing", "trainer.pack_length", "model.attn_implementation", "reference.", "eval.",
+                  "deepspeed.timeout_s", "deepspeed.overlap_comm", "deepspeed.reduce_bucket_size",
+                  "verifier.timeout_s", "online.eval_each_round")
 
 
 def atomic_dir(dest: Path, write) -> Path:
@@ -34,33 +46,71 @@ def atomic_dir(dest: Path, write) -> Path:
     return dest
 
 
-def save_checkpoint(run_dir: Path, step: int, backend, fingerprint: str) -> Path:
-    """The backend's state (weights, optimizer, schedule) and the step: the data order depends only
-    on the seed and the step, and nothing random happens after set-up, so that is all a resume needs."""
+def save_checkpoint(run_dir: Path, step: int, backend, identity: dict) -> Path:
+    """The backend's state (weights, optimizer, schedule), the step and the run's identity (its
+    config, a digest of its training data, its processes: what a resume compares). The data order
+    depends only on the seed and the step, and nothing random happens after set-up, so that is all
+    a resume needs. trainer_state.json is plain JSON: loading it runs no code."""
     def write(tmp: Path):
         backend.save(tmp)
         if dist.is_main():
-            torch.save({"step": step, "fingerprint": fingerprint, "backend": backend.name, "world": dist.world()},
-                       tmp / "trainer_state.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "backend": backend.name, **identity}))
     return atomic_dir(run_dir / "checkpoints" / f"step_{step:07d}", write)
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint: temp folders of an interrupted save never match STEP_DIR."""
+def checkpoints(run_dir: Path) -> list:
+    """The complete checkpoints, newest first: temp folders of an interrupted save never match STEP_DIR."""
     found = [(int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*") if (m := STEP_DIR.match(p.name))]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found, reverse=True)]
 
 
-def load_checkpoint(path: Path, backend, fingerprint: str) -> int:
-    """Restores the backend's state in place; returns the step the checkpoint ends."""
-    if not (path / "trainer_state.pt").is_file():
-        raise UserError(f"{path}: not a kto-cli checkpoint (no trainer_state.pt)")
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    if state["fingerprint"] != fingerprint:
-        raise UserError(f"{path}: checkpoint was written by a run with another model, data or loss config")
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    return next(iter(checkpoints(run_dir)), None)
+
+
+def read_state(path: Path) -> dict:
+    if (path / "trainer_state.json").is_file():
+        return json.loads((path / "trainer_state.json").read_text())
+    if (path / "trainer_state.pt").is_file():  # written by earlier versions: tensors and plain values only
+        return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    raise UserError(f"{path}: not a kto-cli checkpoint (no trainer_state.json)")
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def changes(saved: dict, now: dict) -> list:
+    """What differs between a checkpoint's identity and this run's, as 'key old -> new' lines."""
+    if "config" not in saved:  # an earlier version's checkpoint: its fingerprint of model, data and loss
+        return [] if saved.get("fingerprint") == now["fingerprint"] else ["the model, data or loss config"]
+    old, new = flat(saved["config"]), flat(now["config"])
+    out = [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys())
+           if old.get(k) != new.get(k) and not k.startswith(FREE_TO_CHANGE)]
+    if saved.get("data") != now["data"]:
+        out.append("the training examples (the data file's contents)")
+    for key, name in (("world", "processes"), ("stage", "ZeRO stage")):
+        if saved.get(key) != now[key]:
+            out.append(f"{name} {saved.get(key)} -> {now[key]}")
+    return out
+
+
+def load_checkpoint(path: Path, backend, identity: dict, force: bool = False) -> int:
+    """Restores the backend's state in place; returns the step the checkpoint ends. A checkpoint
+    written under other settings (changes()) is one line, unless force."""
+    state = read_state(path)
     if state.get("backend", "torch") != backend.name:
         raise UserError(f"{path}: checkpoint was written with backend {state.get('backend')}, this run uses "
                         f"{backend.name} (deepspeed=none is torch; zero0-3 are deepspeed)")
+    differ = changes(state, identity)
+    if differ and not force:
+        raise UserError(f"{path}: written under other settings: {'; '.join(differ)}. Resume with the settings "
+                        "it was written with, or set trainer.resume_force=true to go on anyway")
+    if differ:
+        log.warning("%s: resuming under other settings (trainer.resume_force): %s", path, "; ".join(differ))
     backend.load(path)
     return state["step"]
 

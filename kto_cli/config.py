@@ -152,6 +152,8 @@ class TrainerConfig:
     final_checkpoint: bool = True
     log_every: int = 1
     resume: Optional[str] = None  # "auto": latest complete checkpoint of this run dir, or a path
+    # true: resume from a checkpoint written under other settings (other data, batch size, processes)
+    resume_force: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
     threads: Optional[int] = None  # torch CPU threads; null keeps torch's default

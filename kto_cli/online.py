@@ -28,7 +28,7 @@ from .data import build_splits, distinct_prompts, held_out_split, load_prompts
 from .files import atomic_write
 from .generate import generate
 from .metrics import read_metrics
-from .train import Trainer
+from .train import Trainer, split_digest
 from .verifiers import check_rows, make_verifier
 
 log = logging.getLogger("kto_cli")
@@ -72,6 +72,7 @@ class OnlineTrainer(Trainer):
         and the held-out split; each round's answers become the train split."""
         cfg = self.cfg
         self.prompts = load_prompts(cfg.dataset, self.tokenizer, cfg.model.use_chat_template)
+        self.data_digest = split_digest(self.prompts)  # the answers of each round are checked by its own files
         self.verifier = make_verifier(cfg.verifier)
         check_rows(self.verifier, [(e.where, e.row or {}) for e in self.prompts.examples])
         held = held_out_split(cfg.dataset, self.tokenizer, cfg.model.use_chat_template, cfg.trainer.micro_batch_size)

@@ -6,6 +6,7 @@
 import contextlib
 import functools
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from . import distributed as dist
 from . import logprobs, objectives
 from . import reference as reference_mod
 from .backend import DeepSpeedBackend, Policy, TorchBackend, accumulation, ds_config
-from .checkpoint import Diverged, export_final, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Diverged, checkpoints, export_final, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ModelSource, Precision, RunConfig, UnpairMode, UserError, config_digest, fingerprint
 from .data import build_splits, collate
 from .evaluate import GenerationEval, examples_at, keep_samples, read_samples
@@ -42,6 +43,15 @@ log = logging.getLogger("kto_cli")
 
 
 # ---------------------------------------------------------------- set-up helpers
+
+def split_digest(split) -> str:
+    """A hash of what a split trains on: its token ids, labels and KL partners."""
+    h = hashlib.sha256()
+    for i in range(len(split)):
+        h.update(json.dumps([split.prompt_ids[i], split.completion_ids[i], split.examples[i].desirable,
+                             split.kl_partner[i]]).encode())
+    return h.hexdigest()[:16]
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -253,6 +263,7 @@ class Trainer:
             log.warning("skipped %d bad rows (dataset.skip_bad_rows=true)", report["skipped_rows"])
         objectives.check_data(cfg.loss.name, self.need, train, cfg.dataset.train, cfg.dataset.unpair == UnpairMode.one)
         splits = {"train": train, **({"eval": held} if held is not None else {})}
+        self.data_digest = split_digest(train)
         self.objective.prepare(splits, self.tokenizer, (report["desirable"], report["undesirable"]))
         return splits
 
@@ -502,18 +513,35 @@ class Trainer:
         return True
 
     def resume(self) -> int:
-        """The step to start from: 0, or that of the checkpoint trainer.resume names."""
-        spec = self.cfg.trainer.resume
-        if not spec:
+        """The step to start from: 0, or that of the checkpoint trainer.resume names (auto: the
+        newest one that loads; a damaged one is a warning and the one before it is tried)."""
+        t = self.cfg.trainer
+        if not t.resume:
             return 0
-        path = latest_checkpoint(self.run_dir) if spec == "auto" else Path(spec)
-        path = dist.broadcast(path)  # rank 0's view of the run dir decides
-        if path is None:
+        paths = dist.broadcast(checkpoints(self.run_dir) if t.resume == "auto" else [Path(t.resume)])  # rank 0's view
+        if not paths:
             log.info("trainer.resume=auto: no checkpoint in %s, starting from step 0", self.run_dir)
             return 0
-        step = load_checkpoint(path, self.backend, fingerprint(self.cfg))
-        log.info("resumed from %s at step %d", path, step)
-        return step
+        for k, path in enumerate(paths):
+            error = None
+            try:
+                step = load_checkpoint(path, self.backend, self.identity(), t.resume_force)
+            except UserError:
+                raise
+            except Exception as e:  # truncated or corrupted files
+                error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if not dist.all_max(int(error is not None)):  # every rank loaded it
+                log.info("resumed from %s at step %d", path, step)
+                return step
+            if k + 1 == len(paths):
+                raise UserError(f"{path}: damaged ({error or 'on another rank'}) and no earlier checkpoint to resume from")
+            log.warning("%s is damaged (%s); resuming from %s instead", path, error or "on another rank", paths[k + 1])
+
+    def identity(self) -> dict:
+        """What a checkpoint records and a resume compares (kto_cli/checkpoint.py changes())."""
+        config = OmegaConf.to_container(OmegaConf.structured(self.cfg), enum_to_str=True)
+        return {"config": config, "fingerprint": fingerprint(self.cfg), "data": self.data_digest,
+                "world": self.world, "stage": self.cfg.deepspeed.stage}
 
     def evaluate_before(self, start_step: int) -> dict:
         """Held-out metrics of the initial policy; a resumed run reads them from its log."""
@@ -538,7 +566,7 @@ class Trainer:
             self.log_metrics(done, "eval", self.evaluate(done))
         saved = bool(t.save_every and done % t.save_every == 0 and not final)
         if saved:
-            save_checkpoint(self.run_dir, done, self.backend, fingerprint(self.cfg))
+            save_checkpoint(self.run_dir, done, self.backend, self.identity())
         if preemption.requested() and not final:
             self.stop(done, preemption, saved)
 
@@ -550,7 +578,7 @@ class Trainer:
         """On a scheduler's signal: the checkpoint of step `done` (unless saved), then Preempted."""
         path = self.run_dir / "checkpoints" / f"step_{done:07d}"
         if not saved:
-            path = save_checkpoint(self.run_dir, done, self.backend, fingerprint(self.cfg))
+            path = save_checkpoint(self.run_dir, done, self.backend, self.identity())
         if self.metrics_log is not None:
             self.metrics_log.close()
         preemption.stop(self.run_dir, f"after step {done}; checkpoint {path}", done)
@@ -564,7 +592,7 @@ class Trainer:
         if preemption is not None and preemption.requested():
             self.stop(self.steps, preemption)
         if self.cfg.trainer.final_checkpoint:  # before the evaluation: a job killed during it keeps the steps
-            save_checkpoint(self.run_dir, self.steps, self.backend, fingerprint(self.cfg))
+            save_checkpoint(self.run_dir, self.steps, self.backend, self.identity())
         after = self.evaluate(self.steps) if "eval" in self.splits else {}
         self.log_metrics(self.steps, "eval", after)
         if self.metrics_log is not None:

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kto_cli.backend import Policy, TorchBackend
-from kto_cli.checkpoint import Diverged, export_final, latest_checkpoint, load_checkpoint, save_checkpoint
+from kto_cli.checkpoint import Diverged, checkpoints, export_final, latest_checkpoint, load_checkpoint, save_checkpoint
 from kto_cli.config import UserError
 from kto_cli.models import tiny_model, tiny_tokenizer
 
@@ -20,18 +20,31 @@ def tiny_backend(value_head: bool = False) -> TorchBackend:
     return TorchBackend(Policy(lm, head), cfg, steps=4)
 
 
+def identity(**change) -> dict:
+    config = {"trainer": {"batch_size": 8, "log_every": 1}, "dataset": {"train": "a.jsonl"}}
+    for key, value in change.items():
+        part, name = key.split("__")
+        config[part] = {**config[part], name: value}
+    return {"config": config, "fingerprint": "fp", "data": "d1", "world": 1, "stage": None}
+
+
 def test_latest_complete_checkpoint_and_refusals(tmp_path):
     backend = tiny_backend()
-    save_checkpoint(tmp_path, 2, backend, "fp-a")
-    save_checkpoint(tmp_path, 10, backend, "fp-a")
+    save_checkpoint(tmp_path, 2, backend, identity())
+    save_checkpoint(tmp_path, 10, backend, identity())
     (tmp_path / "checkpoints" / "step_0000020.tmp").mkdir()  # an interrupted save
     assert latest_checkpoint(tmp_path).name == "step_0000010"
-    assert load_checkpoint(latest_checkpoint(tmp_path), backend, "fp-a") == 10
-    with pytest.raises(UserError, match="another model, data or loss config"):
-        load_checkpoint(latest_checkpoint(tmp_path), backend, "fp-b")
+    assert [p.name for p in checkpoints(tmp_path)] == ["step_0000010", "step_0000002"]
+    assert load_checkpoint(latest_checkpoint(tmp_path), backend, identity()) == 10
+    assert load_checkpoint(latest_checkpoint(tmp_path), backend, identity(trainer__log_every=5)) == 10  # logging only
+    with pytest.raises(UserError, match=r"step_0000010: written under other settings: trainer.batch_size 8 -> 4; "
+                                        r"the training examples .*; processes 1 -> 2\. Resume with"):
+        load_checkpoint(latest_checkpoint(tmp_path), backend, {**identity(trainer__batch_size=4), "data": "d2", "world": 2})
+    assert load_checkpoint(latest_checkpoint(tmp_path), backend, identity(trainer__batch_size=4), force=True) == 10
     with pytest.raises(UserError, match="not a kto-cli checkpoint"):
-        load_checkpoint(tmp_path, backend, "fp-a")
+        load_checkpoint(tmp_path, backend, identity())
     assert latest_checkpoint(tmp_path / "nowhere") is None
+    assert "torch.save" not in (tmp_path / "checkpoints" / "step_0000010" / "trainer_state.json").read_text()
 
 
 def test_final_loads_in_transformers_with_the_value_head(tmp_path):
@@ -46,7 +59,7 @@ def test_final_loads_in_transformers_with_the_value_head(tmp_path):
 
 def test_weights_that_are_not_finite_are_never_exported(tmp_path):
     backend = tiny_backend()
-    save_checkpoint(tmp_path, 3, backend, "fp-a")
+    save_checkpoint(tmp_path, 3, backend, identity())
     with torch.no_grad():
         next(backend.policy.lm.parameters())[0, 0] = float("inf")
     with pytest.raises(Diverged, match=r"weights are not finite \(lm\.model\.embed_tokens\.weight\).*the last "

@@ -112,6 +112,13 @@ def test_zero3_resume_and_consolidated_final(tmp_path):
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
         assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-6)
+    # one process resuming the two ranks' checkpoint is told so in one line, before anything loads
+    from types import SimpleNamespace
+    from kto_cli.checkpoint import load_checkpoint, read_state
+    from kto_cli.config import UserError
+    state = read_state(cut / "checkpoints" / "step_0000002")
+    with pytest.raises(UserError, match=r"written under other settings: processes 2 -> 1\. Resume"):
+        load_checkpoint(cut / "checkpoints" / "step_0000002", SimpleNamespace(name="deepspeed"), {**state, "world": 1})
 
     final = AutoModelForCausalLM.from_pretrained(full / "final").state_dict()
     engine = get_fp32_state_dict_from_zero_checkpoint(str(full / "checkpoints" / "step_0000004"), tag="engine")

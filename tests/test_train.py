@@ -30,7 +30,7 @@ def test_tiny_run_learns_and_exports(tmp_path):
     ids = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)["input_ids"]
     assert ids.shape[1] < model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] <= ids.shape[1] + 3
-    assert (tmp_path / "checkpoints" / "step_0000040" / "trainer_state.pt").is_file()
+    assert (tmp_path / "checkpoints" / "step_0000040" / "trainer_state.json").is_file()
     assert not list(tmp_path.rglob("*.tmp-*"))  # no temp files left behind
 
 
@@ -58,6 +58,34 @@ def test_same_seed_same_losses_and_resume_continues_them(tmp_path):
     wa = AutoModelForCausalLM.from_pretrained(a / "final").state_dict()
     wb = AutoModelForCausalLM.from_pretrained(b / "final").state_dict()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_settings_and_falls_back_over_a_damaged_checkpoint(tmp_path, caplog):
+    """Other batch sizes or other data contents are one line naming them; a damaged newest
+    checkpoint is a warning, and the run resumes from the one before with the uninterrupted losses."""
+    from importlib import resources
+    from kto_cli.config import UserError
+    data = tmp_path / "train.jsonl"
+    src = resources.files("kto_cli").joinpath("assets/arith_train.jsonl").read_text().splitlines()[:16]
+    data.write_text("\n".join(src) + "\n")
+    args = [*TINY, f"dataset.train={data}", "trainer.max_steps=4", "trainer.save_every=1", "eval.generate=false"]
+    run = tmp_path / "run"
+    train(make_config(*args), run)
+    with pytest.raises(UserError, match=r"step_0000004: written under other settings: trainer.batch_size 8 -> 4\."):
+        train(make_config(*args, "trainer.resume=auto", "trainer.batch_size=4", "trainer.micro_batch_size=4"), run)
+    data.write_text("\n".join(src[:-1] + [src[-1].replace('"chosen": "', '"chosen": "9')]) + "\n")
+    with pytest.raises(UserError, match=r"written under other settings: the training examples"):
+        train(make_config(*args, "trainer.resume=auto"), run)
+    data.write_text("\n".join(src) + "\n")
+    weights = run / "checkpoints" / "step_0000004" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    before = {r["step"]: r["loss"] for r in read_metrics(run, "train")}
+    with caplog.at_level(logging.WARNING, logger="kto_cli"):
+        train(make_config(*args, "trainer.resume=auto"), run)
+    assert "step_0000004 is damaged" in caplog.text and "resuming from" in caplog.text
+    after = {r["step"]: r["loss"] for r in read_metrics(run, "train")}
+    assert after[4] == pytest.approx(before[4], abs=1e-6)
 
 
 @pytest.mark.slow
