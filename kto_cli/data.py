@@ -10,6 +10,7 @@ assistant's message(s).
 """
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -19,6 +20,8 @@ from typing import Any, Optional, Union
 import torch
 
 from .config import DatasetConfig, KLPartners, UnpairMode, UserError
+
+log = logging.getLogger("kto_cli")
 
 Text = Union[str, list]  # plain text, or a list of chat messages
 
@@ -90,6 +93,8 @@ def read_rows(spec: str, split: str) -> tuple:
     path = resolve_source(spec)
     suffix = Path(path).suffix.lower()
     if suffix in FILE_SUFFIXES or Path(path).exists():
+        if Path(path).is_dir():
+            raise UserError(f"{path}: a directory, not a data file (give a .jsonl, .json, .parquet or .csv file)")
         if not Path(path).is_file():
             raise UserError(f"{path}: no such data file")
         reader = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_table, ".csv": _read_table}.get(suffix)
@@ -101,8 +106,12 @@ def read_rows(spec: str, split: str) -> tuple:
 
 def _read_jsonl(path: str) -> list:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: row {n}: not valid UTF-8 (byte {e.start} of the line)") from None
             if line.strip():
                 try:
                     rows.append((n, json.loads(line)))
@@ -127,7 +136,15 @@ def _read_table(path: str) -> list:
         df = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path, keep_default_na=False)
     except Exception as e:
         raise UserError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
-    return [(n, _plain(row)) for n, row in enumerate(df.to_dict("records"), start=1)]
+    return [(n, _table_row(_plain(row))) for n, row in enumerate(df.to_dict("records"), start=1)]
+
+
+def _table_row(row: dict) -> dict:
+    """A CSV cell has no type: a label column with a blank cell is read as text ("true", "")."""
+    label = row.get("label")
+    if isinstance(label, str):
+        row["label"] = {"true": True, "false": False, "": None}.get(label.strip().lower(), label)
+    return row
 
 
 def _plain(value: Any) -> Any:
@@ -308,8 +325,12 @@ def render(example: Example, tokenizer, use_chat_template: bool) -> tuple:
         prompt = example.prompt if isinstance(example.prompt, list) else [{"role": "user", "content": example.prompt}]
         completion = example.completion if isinstance(example.completion, list) else [
             {"role": "assistant", "content": example.completion}]
-        p = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        try:
+            p = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        except Exception as e:  # a template that refuses this row (roles out of order, say)
+            raise UserError(f"{example.where}: the tokenizer's chat template fails on this row "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         if not full.startswith(p):
             raise UserError(f"{example.where}: the tokenizer's chat template renders the prompt differently "
                             "alone and with its completion; set model.use_chat_template=false")
@@ -417,7 +438,21 @@ def build_splits(cfg: DatasetConfig, tokenizer, use_chat_template: bool, kl_bloc
               "desirable": sum(e.desirable for e in train), "undesirable": sum(not e.desirable for e in train)}
     train_split = tokenize(train, tokenizer, use_chat_template, cfg, seed, kl_block)
     eval_split = tokenize(evals, tokenizer, use_chat_template, cfg, seed + 1, kl_block) if evals else None
+    for name, split in (("training", train_split), ("held-out", eval_split)):
+        report.update(count_truncated(split, name) if split is not None else {})
     return train_split, eval_split, report
+
+
+def count_truncated(split: Split, name: str) -> dict:
+    """How many prompts and completions truncation cuts (a warning line when any)."""
+    prompts = sum(len(p) > split.max_prompt_length for p in split.prompt_ids)
+    completions = sum(min(len(p), split.max_prompt_length) + len(c) > split.max_length
+                      for p, c in zip(split.prompt_ids, split.completion_ids))
+    if prompts or completions:
+        log.warning("%d of %d %s prompts are longer than dataset.max_prompt_length=%d tokens (their start and end "
+                    "are kept) and %d completions are cut at dataset.max_length=%d", prompts, len(split), name,
+                    split.max_prompt_length, completions, split.max_length)
+    return {f"{name}_prompts_cut": prompts, f"{name}_completions_cut": completions} if prompts or completions else {}
 
 
 def held_out_split(cfg: DatasetConfig, tokenizer, use_chat_template: bool, kl_block: int = 1) -> Optional[Split]:

@@ -50,6 +50,43 @@ def test_bad_json_line_and_missing_file(tmp_path):
         load_examples(str(tmp_path / "x.parquet"), "train", skip_bad_rows=False)
 
 
+def test_bad_files_and_cells_are_one_line(tmp_path, tiny_tok):
+    """Invalid UTF-8 in a .jsonl row, a directory given as the data file, a CSV label column with a
+    blank cell, a chat template that refuses a row: each names the file and row."""
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "a", "completion": "b", "label": true}\n{"prompt": "caf\xe9", "completion": "b", "label": true}\n')
+    with pytest.raises(UserError, match=r"latin1.jsonl: row 2: not valid UTF-8"):
+        load_examples(str(path), "train", skip_bad_rows=False)
+    (tmp_path / "folder.jsonl").mkdir()
+    with pytest.raises(UserError, match=r"folder.jsonl: a directory, not a data file"):
+        load_examples(str(tmp_path / "folder.jsonl"), "train", skip_bad_rows=False)
+    (tmp_path / "d.csv").write_text("prompt,completion,label\np1,c1,true\np2,c2,\np3,c3,FALSE\n")
+    with pytest.raises(UserError, match=r"d.csv: row 2: field 'label' is missing"):
+        load_examples(str(tmp_path / "d.csv"), "train", skip_bad_rows=False)
+    examples, skipped = load_examples(str(tmp_path / "d.csv"), "train", skip_bad_rows=True)
+    assert [e.desirable for e in examples] == [True, False] and skipped == 1
+    rows = [{"prompt": [{"role": "user", "content": "q"}], "completion": "a", "label": True},
+            {"prompt": [{"role": "tool", "content": "q"}], "completion": "a", "label": True}]
+    strict = __import__("copy").deepcopy(tiny_tok)
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+                            "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}{{ m['content'] }}"
+                            "{% endfor %}")
+    cfg = DatasetConfig(train=str(write_jsonl(tmp_path / "roles.jsonl", rows)))
+    with pytest.raises(UserError, match=r"roles.jsonl: row 2: the tokenizer's chat template fails on this row "
+                                        r"\(TemplateError: unknown role tool\)"):
+        build_splits(cfg, strict, use_chat_template=True)
+
+
+def test_prompts_and_completions_cut_by_truncation_are_counted(tmp_path, tiny_tok, caplog):
+    import logging
+    rows = [{"prompt": "x" * (5 + 30 * (i % 2)), "completion": "y" * (3 + 40 * (i == 0)), "label": True} for i in range(4)]
+    cfg = DatasetConfig(train=str(write_jsonl(tmp_path / "d.jsonl", rows)), max_length=40, max_prompt_length=20)
+    with caplog.at_level(logging.WARNING, logger="kto_cli"):
+        _, _, report = build_splits(cfg, tiny_tok, use_chat_template=False)
+    assert (report["training_prompts_cut"], report["training_completions_cut"]) == (2, 1)
+    assert "2 of 4 training prompts are longer than dataset.max_prompt_length=20 tokens" in caplog.text
+
+
 def test_skip_bad_rows_counts_them(tmp_path):
     rows = [{"prompt": "a", "completion": "b", "label": True}, {"prompt": "a", "label": True},
             {"prompt": "c", "completion": "d", "label": "no"}]
