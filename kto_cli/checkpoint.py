@@ -46,16 +46,51 @@ def atomic_dir(dest: Path, write) -> Path:
     return dest
 
 
-def save_checkpoint(run_dir: Path, step: int, backend, identity: dict) -> Path:
+def save_checkpoint(run_dir: Path, step: int, backend, identity: dict, keep: int = 0) -> Path:
     """The backend's state (weights, optimizer, schedule), the step and the run's identity (its
     config, a digest of its training data, its processes: what a resume compares). The data order
     depends only on the seed and the step, and nothing random happens after set-up, so that is all
-    a resume needs. trainer_state.json is plain JSON: loading it runs no code."""
+    a resume needs. trainer_state.json is plain JSON: loading it runs no code. With keep, only the
+    newest `keep` checkpoints stay, older ones removed once this one is complete."""
     def write(tmp: Path):
         backend.save(tmp)
         if dist.is_main():
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "backend": backend.name, **identity}))
-    return atomic_dir(run_dir / "checkpoints" / f"step_{step:07d}", write)
+    check_space(run_dir / "checkpoints", backend)
+    try:
+        path = atomic_dir(run_dir / "checkpoints" / f"step_{step:07d}", write)
+    except OSError as e:  # the disk filled up while writing: the temp folder goes, the older checkpoints stay
+        if dist.is_main():
+            shutil.rmtree(run_dir / "checkpoints" / f"step_{step:07d}.tmp", ignore_errors=True)
+        raise UserError(f"{run_dir / 'checkpoints'}: could not write the checkpoint of step {step} "
+                        f"({e.strerror or e}); {last_kept(run_dir)}") from None
+    if dist.is_main():
+        for old in (checkpoints(run_dir)[keep:] if keep else []):
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def last_kept(run_dir: Path) -> str:
+    last = latest_checkpoint(run_dir)
+    return f"the last checkpoint is {last}" if last else "no checkpoint was written before"
+
+
+def check_space(folder: Path, backend) -> None:
+    """Stops, before writing, when the disk cannot hold another checkpoint the size of the last one
+    (or, for the first, of the weights and Adam's two moments in fp32)."""
+    need = 0
+    if dist.is_main():
+        last = latest_checkpoint(folder.parent)
+        need = sum(f.stat().st_size for f in last.rglob("*") if f.is_file()) if last else \
+            12 * sum(getattr(p, "ds_numel", p.numel()) for p in backend.policy.parameters())
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+        need = need if need > free else 0
+    need = dist.broadcast(need)
+    if need:
+        raise UserError(f"{folder}: not enough free space for a checkpoint (about {need / 2**20:.0f} MiB, the size of "
+                        f"the last one or of the weights and optimizer state): free some, or keep fewer with "
+                        f"trainer.keep_checkpoints; {last_kept(folder.parent)}")
 
 
 def checkpoints(run_dir: Path) -> list:

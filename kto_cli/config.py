@@ -147,6 +147,7 @@ class TrainerConfig:
     eval_every: int = 0  # steps; 0 evaluates only before and after training
     eval_batch_size: int = 16
     save_every: int = 0  # steps; 0 saves only the final checkpoint
+    keep_checkpoints: int = 3  # the newest N stay (older ones go once a newer one is complete); 0: all
     # false: none at the end either (final/ is still exported): for runs nobody resumes or extends,
     # whose optimizer state (twice the weights) would only fill the disk
     final_checkpoint: bool = True
@@ -378,7 +379,7 @@ def check_numbers(run: RunConfig) -> None:
         _check(v > 0, f"{key} must be positive, got {v}")
     for key, v in optional.items():
         _check(v is None or v > 0, f"{key} must be positive or null, got {v}")
-    for key in ("eval_every", "save_every"):
+    for key in ("eval_every", "save_every", "keep_checkpoints"):
         _check(getattr(t, key) >= 0, f"trainer.{key} must be 0 (off) or positive, got {getattr(t, key)}")
     for key in ("adam_beta1", "adam_beta2"):
         _check(0 <= getattr(t, key) < 1, f"trainer.{key} must be in [0, 1), got {getattr(t, key)}")

@@ -566,7 +566,7 @@ class Trainer:
             self.log_metrics(done, "eval", self.evaluate(done))
         saved = bool(t.save_every and done % t.save_every == 0 and not final)
         if saved:
-            save_checkpoint(self.run_dir, done, self.backend, self.identity())
+            save_checkpoint(self.run_dir, done, self.backend, self.identity(), self.cfg.trainer.keep_checkpoints)
         if preemption.requested() and not final:
             self.stop(done, preemption, saved)
 
@@ -578,7 +578,7 @@ class Trainer:
         """On a scheduler's signal: the checkpoint of step `done` (unless saved), then Preempted."""
         path = self.run_dir / "checkpoints" / f"step_{done:07d}"
         if not saved:
-            path = save_checkpoint(self.run_dir, done, self.backend, self.identity())
+            path = save_checkpoint(self.run_dir, done, self.backend, self.identity(), self.cfg.trainer.keep_checkpoints)
         if self.metrics_log is not None:
             self.metrics_log.close()
         preemption.stop(self.run_dir, f"after step {done}; checkpoint {path}", done)
@@ -592,7 +592,7 @@ class Trainer:
         if preemption is not None and preemption.requested():
             self.stop(self.steps, preemption)
         if self.cfg.trainer.final_checkpoint:  # before the evaluation: a job killed during it keeps the steps
-            save_checkpoint(self.run_dir, self.steps, self.backend, self.identity())
+            save_checkpoint(self.run_dir, self.steps, self.backend, self.identity(), self.cfg.trainer.keep_checkpoints)
         after = self.evaluate(self.steps) if "eval" in self.splits else {}
         self.log_metrics(self.steps, "eval", after)
         if self.metrics_log is not None:

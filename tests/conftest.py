@@ -2,6 +2,7 @@
 import json
 import random
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,23 @@ def own_cache(tmp_path, monkeypatch):
 def tiny_tok():
     from kto_cli.models import tiny_tokenizer
     return tiny_tokenizer()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size, read_only=False) -> a tmpfs of that many bytes (a real full or read-only disk);
+    skipped where this machine does not let the test mount one (not root, no CAP_SYS_ADMIN)."""
+    mounts = []
+
+    def mount(size: int, read_only: bool = False) -> Path:
+        where = tmp_path / f"disk{len(mounts)}"
+        where.mkdir()
+        opts = f"size={size}" + (",ro" if read_only else "")
+        out = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True)
+        if out.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({out.stderr.strip() or out.returncode})")
+        mounts.append(where)
+        return where
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

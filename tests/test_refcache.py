@@ -144,26 +144,6 @@ def test_the_key_changes_with_the_log_prob_code(monkeypatch):
 
 # ---------------------------------------------------------------- faults: the cache is an optimisation
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """mount(size, read_only=False) -> a tmpfs of that many bytes (a real full or read-only disk);
-    skipped where this machine does not let the test mount one (not root, no CAP_SYS_ADMIN)."""
-    mounts = []
-
-    def mount(size: int, read_only: bool = False) -> Path:
-        where = tmp_path / f"disk{len(mounts)}"
-        where.mkdir()
-        opts = f"size={size}" + (",ro" if read_only else "")
-        out = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True)
-        if out.returncode:
-            pytest.skip(f"cannot mount a tmpfs here ({out.stderr.strip() or out.returncode})")
-        mounts.append(where)
-        return where
-    yield mount
-    for where in mounts:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
-
-
 def fill(disk: Path) -> None:
     """Leaves no free byte on the disk."""
     with open(disk / "filler", "wb", buffering=0) as f:

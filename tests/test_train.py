@@ -1,6 +1,7 @@
 """End-to-end runs of the loop on the tiny model and the shipped data (seconds each)."""
 import logging
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -72,6 +73,8 @@ def test_resume_refuses_other_settings_and_falls_back_over_a_damaged_checkpoint(
     args = [*TINY, f"dataset.train={data}", "trainer.max_steps=4", "trainer.save_every=1", "eval.generate=false"]
     run = tmp_path / "run"
     train(make_config(*args), run)
+    # trainer.keep_checkpoints=3 (the default): the oldest went once the newest was complete
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step_000000{s}" for s in (2, 3, 4)]
     with pytest.raises(UserError, match=r"step_0000004: written under other settings: trainer.batch_size 8 -> 4\."):
         train(make_config(*args, "trainer.resume=auto", "trainer.batch_size=4", "trainer.micro_batch_size=4"), run)
     data.write_text("\n".join(src[:-1] + [src[-1].replace('"chosen": "', '"chosen": "9')]) + "\n")
@@ -193,7 +196,8 @@ def test_a_nan_step_is_skipped_and_max_bad_steps_in_a_row_stop_the_run(tmp_path,
     from kto_cli.checkpoint import Diverged
     monkeypatch.setenv("KTO_CLI_INJECT_NAN", "3")
     with caplog.at_level(logging.WARNING, logger="kto_cli"):
-        train(make_config(*TINY, "trainer.max_steps=5", "trainer.save_every=1"), tmp_path / "a")
+        train(make_config(*TINY, "trainer.max_steps=5", "trainer.save_every=1", "trainer.keep_checkpoints=0"),
+              tmp_path / "a")
     assert "step 3: loss=nan, grad_norm=nan, skipped (1 in a row)" in caplog.text
     train_log = {r["step"]: r for r in read_metrics(tmp_path / "a", "train")}
     assert [s for s, r in train_log.items() if "skipped" in r] == [3] and train_log[4]["loss"] == train_log[4]["loss"]
@@ -206,6 +210,23 @@ def test_a_nan_step_is_skipped_and_max_bad_steps_in_a_row_stop_the_run(tmp_path,
     with pytest.raises(Diverged, match=r"steps 2-4: 3 in a row .* the last checkpoint is .*step_0000003"):
         train(make_config(*TINY, "trainer.max_steps=6", "trainer.save_every=1"), tmp_path / "b")
     assert not (tmp_path / "b" / "final").exists()
+
+
+@pytest.mark.slow
+def test_a_disk_too_full_for_a_checkpoint_stops_before_writing_it(tmp_path, small_disk):
+    """The checkpoint folder on a small disk: one line naming it, before anything is written."""
+    from kto_cli.config import UserError
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    disk = small_disk(256 * 1024)
+    subprocess.run(["mount", "--bind", str(disk), str(run / "checkpoints")], check=True)
+    try:
+        with pytest.raises(UserError, match=r"checkpoints: not enough free space for a checkpoint \(about \d+ MiB.*"
+                                            r"no checkpoint was written before"):
+            train(make_config(*TINY, "trainer.max_steps=2", "trainer.save_every=1", "eval.generate=false"), run)
+        assert list((run / "checkpoints").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(run / "checkpoints")])
 
 
 PHASED = [*TINY, "trainer.sft_steps=2", "trainer.max_steps=3", "eval.generation.max_new_tokens=3"]
