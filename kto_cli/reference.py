@@ -7,6 +7,7 @@ the freshly loaded model before the first step: training never holds a second mo
 """
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,6 +26,9 @@ from .models import cache_root, model_key
 from .refcache import RefCache, sequence_key
 
 log = logging.getLogger("kto_cli")
+
+PIECE = 2048  # sequences per piece of the reference pass (a scheduler's signal stops it between pieces)
+PIECE_SECONDS = 300  # new values are stored at least this often
 
 
 @dataclass
@@ -62,7 +66,8 @@ def wanted(splits: dict, kl) -> list:
 
 
 def reference_pass(get_model: Callable, splits: dict, kl, per_token: bool, cache: Optional[RefCache],
-                   run: Runner, show_progress: bool = True, shard: tuple = (0, 1), exchange: bool = False) -> tuple:
+                   run: Runner, show_progress: bool = True, shard: tuple = (0, 1), exchange: bool = False,
+                   after_piece: Optional[Callable] = None) -> tuple:
     """splits: name ("train"/"eval") -> (Split, indices of the examples that will be used); kl: the
     names of those whose KL partners are used too.
     Looks every sequence up in the cache by content, computes only the missing ones (this
@@ -72,7 +77,9 @@ def reference_pass(get_model: Callable, splits: dict, kl, per_token: bool, cache
     and the ReferenceLogps is None. With exchange (training under torch.distributed), rank 0's
     list of missing values is the one every rank shards, every rank runs as many forward passes
     as the busiest (ZeRO-3 gathers parameters collectively), and the values are exchanged.
-    run: how forward passes run (batch size, device, precision, the engine, training's layout)."""
+    run: how forward passes run (batch size, device, precision, the engine, training's layout).
+    after_piece(done, total, save): called on every rank after each piece of the pass (compute());
+    save() stores the values not yet stored: where a scheduler's signal stops the job."""
     jobs = wanted(splits, kl)
     keys = [[sequence_key(*s) for s in seqs] for _, _, _, seqs in jobs]
     # one run at a time finds and computes what is missing (sharded precompute processes split the
@@ -98,11 +105,9 @@ def reference_pass(get_model: Callable, splits: dict, kl, per_token: bool, cache
                 cache.refresh()  # what rank 0 found stored (it looked under the lock)
         reused = len({k for ks in keys for k in ks}) - len(todo)
         mine = list(todo)[shard[0]::shard[1]]
-        values = compute(get_model, [todo[k] for k in mine], mine, per_token, run, show_progress, lockstep=exchange)
-        if cache is not None:
-            path = cache.put(mine, torch.tensor([values[k][0] for k in mine]), [values[k][1] for k in mine] if per_token else None)
-            if path:
-                log.info("reference cache: stored %d values in %s", len(mine), path)
+        store = (lambda keys, values: store_piece(cache, keys, values, per_token)) if cache is not None else None
+        values = compute(get_model, [todo[k] for k in mine], mine, per_token, run, show_progress, lockstep=exchange,
+                         store=store, after_piece=after_piece)
         if exchange:  # every rank has stored its share once this returns
             values = {k: v for part in dist.gather(values) for k, v in part.items()}
     report = {"reused": reused, "computed": len(todo) if exchange else len(mine),
@@ -113,21 +118,48 @@ def reference_pass(get_model: Callable, splits: dict, kl, per_token: bool, cache
     return assemble(jobs, keys, lookup, per_token), report
 
 
+def store_piece(cache: RefCache, keys: list, values: dict, per_token: bool) -> None:
+    path = cache.put(keys, torch.tensor([values[k][0] for k in keys]), [values[k][1] for k in keys] if per_token else None)
+    if path:
+        log.info("reference cache: stored %d values in %s", len(keys), path)
+
+
 def compute(get_model, sequences: list, keys: list, per_token: bool, run: Runner, show_progress: bool,
-            lockstep: bool = False) -> dict:
-    """key -> (summed log-prob, per-token log-probs or None) for sequences, on the reference model.
-    lockstep: every rank joins the same number of forward passes, padding with one-token ones."""
-    if not sequences and not lockstep:
+            lockstep: bool = False, store: Optional[Callable] = None, after_piece: Optional[Callable] = None) -> dict:
+    """key -> (summed log-prob, per-token log-probs or None) for sequences, on the reference model,
+    in pieces of PIECE sequences: store(keys, values) keeps what is new every PIECE_SECONDS and at
+    the end; after_piece(done, total, save) may store the rest (save()) and stop the job (a signal:
+    a requeued one finds those values in the cache). lockstep: every rank joins the same number of
+    pieces and forward passes, padding with one-token ones."""
+    total = dist.all_max(len(sequences)) if lockstep else len(sequences)
+    if not total:
         return {}
     model = get_model()
     model.eval()
-    stats = {"forwards": 0}
+    values, new, stored_at = {}, [], time.monotonic()
+
+    def save():
+        nonlocal new, stored_at
+        if store and new:
+            store(new, values)
+        new, stored_at = [], time.monotonic()
     with tqdm(total=len(sequences), desc="reference pass", unit="seq", disable=not show_progress) as bar:
-        seq, tokens, lengths = logps_of(model, sequences, run, per_token, progress=bar, stats=stats)
-    if lockstep:
-        for _ in range(dist.all_max(stats["forwards"]) - stats["forwards"]):
-            logps_of(model, [([run.pad_id], [run.pad_id])], run, per_token)
-    return {k: (float(seq[i]), tokens[i, : lengths[i]].clone() if per_token else None) for i, k in enumerate(keys)}
+        for start in range(0, total, PIECE):
+            part, part_keys, stats = sequences[start:start + PIECE], keys[start:start + PIECE], {"forwards": 0}
+            if part:
+                seq, tokens, lengths = logps_of(model, part, run, per_token, progress=bar, stats=stats)
+                values.update({k: (float(seq[i]), tokens[i, : lengths[i]].clone() if per_token else None)
+                               for i, k in enumerate(part_keys)})
+                new += part_keys
+            if lockstep:
+                for _ in range(dist.all_max(stats["forwards"]) - stats["forwards"]):
+                    logps_of(model, [([run.pad_id], [run.pad_id])], run, per_token)
+            end = start + PIECE >= total
+            if end or time.monotonic() - stored_at >= PIECE_SECONDS:
+                save()
+            if after_piece and not end:
+                after_piece(start + PIECE, total, save)
+    return values
 
 
 def assemble(jobs: list, keys: list, lookup: Callable, per_token: bool) -> ReferenceLogps:

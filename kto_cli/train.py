@@ -309,13 +309,23 @@ class Trainer:
         ref, report = reference_mod.reference_pass(
             lambda: self.model, used, self.kl_splits(), self.need.per_token,
             open_cache(self.cfg, self.tokenizer) if cache else None, run,
-            self.show_progress, shard=(self.rank, self.world), exchange=self.world > 1)
+            self.show_progress, shard=(self.rank, self.world), exchange=self.world > 1, after_piece=self.after_piece)
         log.info("reference log-probs: %d reused from the cache, %d computed", report["reused"], report["computed"])
         self.reference_report = {**report, "seconds": time.perf_counter() - started}
         if dist.is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
             reference_mod.save(ref, path, fp)
         return ref
+
+    def after_piece(self, done: int, total: int, save) -> None:
+        """Between pieces of the reference pass: on a scheduler's signal, the values so far are
+        stored (in the cache: a requeued job computes only the rest) and the job stops."""
+        preemption = Preemption.active
+        if preemption is not None and preemption.requested():
+            save()
+            kept = "stored in the reference cache" if self.cfg.reference.cache.value == "readwrite" else \
+                "lost: reference.cache is not readwrite"
+            preemption.stop(self.run_dir, f"in the reference pass, {done} of {total} values computed ({kept})")
 
     def forward(self, name: str, idx: list, kl: bool = False, source: str = "policy") -> tuple:
         """(Logps, tokens in the batch) of examples idx of split `name`, or of their KL sequences.

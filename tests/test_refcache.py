@@ -204,3 +204,33 @@ def test_the_lock_names_its_holder_and_lock_wait_stops_the_wait(tmp_path, caplog
             pass
     assert re.search(r"waiting \d s for node9:4242 \(job 77\)", caplog.text)
     assert "stopped waiting for node9:4242 (job 77) after" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_signal_in_the_reference_pass_keeps_its_pieces_and_the_resumed_run_computes_the_rest(
+        tmp_path, monkeypatch, compute_calls):
+    """Pieces of 8 sequences: SIGUSR1 while the second piece runs stops the job once it is stored
+    (16 values in the cache); resumed, the job computes only the others and trains as a job nobody
+    stopped."""
+    import signal
+    from kto_cli.metrics import read_metrics
+    from kto_cli.preemption import Preempted
+    train(make_config(*FIRST, "reference.cache=off"), tmp_path / "plain")
+    everything = sum(compute_calls)
+    compute_calls.clear()
+    monkeypatch.setattr(reference, "PIECE", 8)
+    real, pieces = reference.logps_of, []  # the fixture's counting one
+
+    def signalled(model, seqs, *a, **k):
+        pieces.append(1)
+        if len(pieces) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(model, seqs, *a, **k)
+    monkeypatch.setattr(reference, "logps_of", signalled)
+    with pytest.raises(Preempted, match=r"in the reference pass, 16 of \d+ values computed \(stored in the reference cache\)"):
+        train(make_config(*FIRST), tmp_path / "run")
+    compute_calls.clear()
+    train(make_config(*FIRST, "trainer.resume=auto"), tmp_path / "run")
+    assert sum(compute_calls) == everything - 16
+    want = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "plain", "train")}
+    assert {r["step"]: r["loss"] for r in read_metrics(tmp_path / "run", "train")} == pytest.approx(want, abs=1e-6)
