@@ -37,6 +37,7 @@ log = logging.getLogger("kto_cli")
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.gguf", "config.json")
 WAIT_LINE_S = 60  # a line this often while waiting for another run's lock
+USED = ".last-used"  # touched when a run opens a model's values: `kto-cache prune --older-than` reads it
 
 
 def sequence_key(prompt: list, completion: list) -> bytes:
@@ -97,6 +98,11 @@ class RefCache:
         self.corrupt = 0
         self.read = set()  # shard names already read
         self.refresh()
+        if self.writable and self.dir.is_dir():
+            try:
+                (self.dir / USED).touch()
+            except OSError:
+                pass
 
     def refresh(self) -> None:
         """Reads the shards stored since the last look (by another run of a sweep, say)."""

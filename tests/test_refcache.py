@@ -2,6 +2,7 @@
 import multiprocessing as mp
 import os
 import re
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -234,3 +235,31 @@ def test_a_signal_in_the_reference_pass_keeps_its_pieces_and_the_resumed_run_com
     assert sum(compute_calls) == everything - 16
     want = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "plain", "train")}
     assert {r["step"]: r["loss"] for r in read_metrics(tmp_path / "run", "train")} == pytest.approx(want, abs=1e-6)
+
+
+def test_kto_cache_du_verify_and_prune(tmp_path, capsys):
+    """du sizes each model's values; verify sets a damaged shard aside; prune removes dead writes'
+    temp files and set-aside shards (not a live write's), and with --older-than the values of models
+    no run used for that long (not one whose lock a run holds)."""
+    from kto_cli import cachetool
+    root = tmp_path / "cache"
+    for key in ("model-a", "model-b"):
+        RefCache(root / "reference", key, False, True).put([sequence_key([1], [k]) for k in range(3)], torch.tensor([0.1, 0.2, 0.3]))
+    shard = next((root / "reference" / "model-a" / "seq").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-8])
+    dead, live = shard.with_name("x.safetensors.tmp-1"), shard.with_name("y.safetensors.tmp-2")
+    dead.write_bytes(b"0"), live.write_bytes(b"0")
+    os.utime(dead, (time.time() - 7200, time.time() - 7200))
+    cachetool.main(["du", "--dir", str(root)])
+    out = capsys.readouterr().out
+    assert re.search(r"model-a/seq\s+1\s", out) and "temp files: 2, set-aside damaged shards: 0" in out
+    cachetool.main(["verify", "--dir", str(root)])
+    assert "model-a/seq: 0 values, 1 damaged shard(s) set aside" in capsys.readouterr().out
+    cachetool.main(["prune", "--dir", str(root)])
+    assert "removed 2 item(s)" in capsys.readouterr().out and live.exists() and not dead.exists()
+    old = root / "reference" / "model-b" / "seq"
+    os.utime(old / ".last-used", (time.time() - 40 * 86400,) * 2)
+    cachetool.main(["prune", "--dir", str(root), "--older-than", "30", "--dry-run"])
+    assert f"would remove {old}" in capsys.readouterr().out and old.exists()
+    cachetool.main(["prune", "--dir", str(root), "--older-than", "30"])
+    assert not old.exists() and (root / "reference" / "model-a" / "seq").exists()
