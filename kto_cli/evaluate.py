@@ -40,10 +40,11 @@ class GenerationEval:
         self.split = split
         check_rows(self.verifier, [(split.examples[i].where, split.examples[i].row or {}) for i in self.examples])
 
-    def __call__(self, model, step: int, samples_path=None, synced: bool = False) -> dict:
-        """Generates, scores, appends to samples_path (rank 0) and returns the eval/gen/* metrics."""
+    def __call__(self, model, step: int, samples_path=None, synced: bool = False, between_batches=None) -> dict:
+        """Generates, scores, appends to samples_path (rank 0) and returns the eval/gen/* metrics.
+        between_batches: see generate (nothing is written when it stops the job)."""
         prompts = [self.split.sequence(i)[0] for i in self.examples]
-        samples = generate(model, self.tokenizer, prompts, self.cfg, synced=synced)
+        samples = generate(model, self.tokenizer, prompts, self.cfg, synced=synced, between_batches=between_batches)
         records, errors = [], 0
         for s in samples:
             e = self.split.examples[self.examples[s.prompt]]

@@ -66,14 +66,15 @@ def shared_prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, n: int):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, cfg: GenerationConfig, device=None, synced: bool = False,
-             shard: tuple = (0, 1)) -> list:
+             shard: tuple = (0, 1), between_batches=None) -> list:
     """cfg.n samples for each prompt (lists of token ids), in prompt order: greedy when
     cfg.temperature is 0, else sampling with temperature and top_p. Prompts of similar length
     share a batch (less padding) of cfg.batch_size samples; a prompt's n samples share its forward.
     Each batch is seeded by cfg.seed and its place in that order, so its samples do not depend on
     which process makes them: shard = (rank, ranks) makes batches rank, rank + ranks, ... only.
     synced: several ranks of a ZeRO-3 model generate together (each forward gathers parameters
-    collectively), so every rank steps until all have finished."""
+    collectively), so every rank steps until all have finished. between_batches(): called after each
+    batch (on every rank alike, unsharded: where a scheduler's signal may stop the job)."""
     device = device or next(model.parameters()).device
     order = [i for _, i in sorted((len(p), i) for i, p in enumerate(prompts))]
     per_batch = max(1, cfg.batch_size // cfg.n)
@@ -86,6 +87,8 @@ def generate(model, tokenizer, prompts: list, cfg: GenerationConfig, device=None
         for b in range(shard[0], len(batches), shard[1]):
             torch.manual_seed(cfg.seed * 100_003 + b)
             samples += generate_batch(model, tokenizer, [prompts[i] for i in batches[b]], batches[b], cfg, device, synced)
+            if between_batches is not None and b + shard[1] < len(batches):
+                between_batches()
     model.train(was_training)
     return sorted(samples, key=lambda s: s.prompt)  # stable: a prompt's samples keep their order
 

@@ -487,7 +487,23 @@ class Trainer:
             return {}
         synced = self.world > 1 and self.cfg.deepspeed.stage == 3
         with self.autocast():
-            return self.gen_eval(self.model, step, self.run_dir / "samples.jsonl", synced=synced)
+            return self.gen_eval(self.model, step, self.run_dir / "samples.jsonl", synced=synced,
+                                 between_batches=self.eval_interruptible(step))
+
+    def eval_interruptible(self, step: int):
+        """Where a scheduler's signal may stop an evaluation part-way (None: it runs to its end): the
+        one before training (nothing to keep yet) and the final one (its checkpoint is written)."""
+        preemption, final = Preemption.active, step == self.steps and step > 0
+        if preemption is None or not (step == 0 or (final and self.cfg.trainer.final_checkpoint)):
+            return None
+        when = "in the final evaluation; the final checkpoint is kept" if final else "in the evaluation before training"
+
+        def check():
+            if preemption.requested():
+                if self.metrics_log is not None:
+                    self.metrics_log.close()
+                preemption.stop(self.run_dir, when, self.steps if final else None)
+        return check
 
 
     # ---------------------------------------------------------------- the run
