@@ -60,7 +60,8 @@ def du(where: Path) -> list:
 def verify(where: Path) -> list:
     lines = []
     for key, d in key_dirs(reference_root(where)):
-        cache = RefCache(d.parent.parent, key, d.name == "tok", writable=True)  # reads and checks every shard
+        cache = RefCache(d.parent.parent, key, d.name == "tok", writable=True)
+        cache.load_all()  # reads and checks every shard
         lines.append(f"{key}/{d.name}: {len(cache.entries)} values, {cache.corrupt} damaged shard(s) set aside")
     return lines or ["no reference values stored"]
 

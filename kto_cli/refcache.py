@@ -12,7 +12,8 @@ batch order, batch size or world size.
 Shards are written under a temp name and renamed to the hash of their content: two processes
 writing the same values produce the same name and leave one valid file. Each shard carries a
 checksum of its tensors; a shard that fails it (truncated, corrupted) is set aside and its values
-are recomputed. The cache is an optimisation: an error reading or writing it (a full disk, a
+are recomputed. A start reads only each shard's keys; a shard's values are read (and checked) the
+first time a run looks one of them up, so values of other data for the same model cost nothing. The cache is an optimisation: an error reading or writing it (a full disk, a
 read-only or vanished folder) is one warning, and the run goes on with the values in memory.
 """
 import contextlib
@@ -94,9 +95,10 @@ class RefCache:
     def __init__(self, root: Path, model_key: str, per_token: bool, writable: bool, lock_wait: Optional[float] = None):
         self.dir = Path(root) / model_key / ("tok" if per_token else "seq")
         self.per_token, self.writable, self.lock_wait = per_token, writable, lock_wait
-        self.entries = {}  # key bytes -> (seq value, per-token array or None)
+        self.entries = {}  # key bytes -> (seq value, per-token array or None), of the shards read
+        self.where = {}  # key bytes -> the shard holding it, for every shard listed
         self.corrupt = 0
-        self.read = set()  # shard names already read
+        self.read = set()  # shard names already listed
         self.refresh()
         if self.writable and self.dir.is_dir():
             try:
@@ -112,7 +114,36 @@ class RefCache:
             return warn_io("could not list the stored values", self.dir, e)
         for shard in shards:
             if shard.name not in self.read:
-                self._read(shard)
+                self._list(shard)
+
+    def _list(self, shard: Path) -> None:
+        """Notes which keys a shard holds (its keys tensor alone is read)."""
+        self.read.add(shard.name)
+        try:
+            with safe_open(str(shard), "np") as f:
+                keys = f.get_tensor("keys")
+        except FileNotFoundError:  # set aside (or pruned) by another run since this one listed it
+            return
+        except Exception as e:
+            return self._set_aside(shard, e)
+        for k in keys:
+            self.where.setdefault(k.tobytes(), shard)
+
+    def _set_aside(self, shard: Path, e: Exception) -> None:
+        """A damaged shard: never trusted, its values recomputed."""
+        self.corrupt += 1
+        log.warning("reference cache: %s is damaged (%s); set aside, its values will be recomputed",
+                    shard, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        self.where = {k: s for k, s in self.where.items() if s != shard}
+        try:
+            os.replace(shard, shard.with_name(f"{shard.name}.corrupt-{os.getpid()}"))
+        except OSError:  # another run set it aside first, or the folder is read-only
+            pass
+
+    def load_all(self) -> None:
+        """Reads and checks every listed shard (kto-cache verify)."""
+        for shard in sorted(set(self.where.values())):
+            self._read(shard)
 
     @contextlib.contextmanager
     def computing(self, wait=None):
@@ -173,7 +204,7 @@ class RefCache:
         return True
 
     def _read(self, shard: Path) -> None:
-        self.read.add(shard.name)
+        """Loads a shard's values after checking its checksum."""
         try:
             arrays = load_file(str(shard))
             with safe_open(str(shard), "np") as f:
@@ -181,16 +212,10 @@ class RefCache:
             if checksum != _tensor_checksum(arrays):
                 raise ValueError("checksum mismatch")
         except FileNotFoundError:  # set aside (or pruned) by another run since this one listed it
+            self.where = {k: s for k, s in self.where.items() if s != shard}
             return
-        except Exception as e:  # truncated or corrupted: never trusted, recomputed
-            self.corrupt += 1
-            log.warning("reference cache: %s is damaged (%s); set aside, its values will be recomputed",
-                        shard, str(e).splitlines()[0] if str(e) else type(e).__name__)
-            try:
-                os.replace(shard, shard.with_name(f"{shard.name}.corrupt-{os.getpid()}"))
-            except OSError:  # another run set it aside first, or the folder is read-only
-                pass
-            return
+        except Exception as e:  # truncated or corrupted
+            return self._set_aside(shard, e)
         keys, seq = arrays["keys"], arrays["seq"]
         offsets = arrays.get("offsets")
         for i in range(len(seq)):
@@ -198,6 +223,8 @@ class RefCache:
             self.entries[keys[i].tobytes()] = (float(seq[i]), tokens)
 
     def get(self, key: bytes):
+        if key not in self.entries and key in self.where:
+            self._read(self.where[key])
         return self.entries.get(key)
 
     def put(self, keys: list, seq: torch.Tensor, tokens: Optional[list] = None) -> Optional[Path]:
@@ -214,6 +241,7 @@ class RefCache:
         path = self.dir / f"{checksum[:32]}.safetensors"
         for i, k in enumerate(keys):
             self.entries[k] = (float(arrays["seq"][i]), tokens[i].numpy() if self.per_token else None)
+            self.where.setdefault(k, path)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             # same content, same name: concurrent writers leave one valid file

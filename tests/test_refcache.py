@@ -86,7 +86,10 @@ def test_damaged_shard_is_set_aside_and_recomputed(tmp_path, own_cache, compute_
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0xFF
     shard.write_bytes(bytes(data))
-    assert RefCache(shard.parent.parent.parent, shard.parent.parent.name, False, True).corrupt == 1
+    cache = RefCache(shard.parent.parent.parent, shard.parent.parent.name, False, True)
+    assert cache.corrupt == 0  # a start reads only the keys
+    cache.load_all()
+    assert cache.corrupt == 1 and cache.where == {}
 
 
 def _write(root, barrier, values):
@@ -182,7 +185,7 @@ def test_a_shard_another_run_set_aside_first_is_skipped(tmp_path):
     path = cache.put([sequence_key([1], [2])], torch.tensor([0.5]))
     path.write_bytes(path.read_bytes()[:-10])
     second = RefCache.__new__(RefCache)
-    second.__dict__.update(entries={}, corrupt=0, read=set(), dir=cache.dir, per_token=False)
+    second.__dict__.update(entries={}, where={}, corrupt=0, read=set(), dir=cache.dir, per_token=False)
     RefCache(tmp_path, "model", per_token=False, writable=True)  # the first run sets it aside
     second._read(path)  # the second listed it before that
     assert second.corrupt == 0 and second.entries == {} and len(list(cache.dir.glob("*.corrupt-*"))) == 1
@@ -263,3 +266,20 @@ def test_kto_cache_du_verify_and_prune(tmp_path, capsys):
     assert f"would remove {old}" in capsys.readouterr().out and old.exists()
     cachetool.main(["prune", "--dir", str(root), "--older-than", "30"])
     assert not old.exists() and (root / "reference" / "model-a" / "seq").exists()
+
+
+def test_a_start_reads_only_the_keys_and_a_look_up_only_its_shard(tmp_path, monkeypatch):
+    """Two shards of one model: opening the cache reads no values; looking a key up reads (and
+    checks) only the shard holding it."""
+    from kto_cli import refcache
+    a = RefCache(tmp_path, "model", False, True)
+    a.put([sequence_key([1], [k]) for k in range(3)], torch.tensor([0.5, 1.5, 2.5]))
+    a.put([sequence_key([2], [k]) for k in range(3)], torch.tensor([-0.5, -1.5, -2.5]))
+    loaded = []
+    real = refcache.load_file
+    monkeypatch.setattr(refcache, "load_file", lambda path: loaded.append(Path(path).name) or real(path))
+    b = RefCache(tmp_path, "model", False, True)
+    assert loaded == [] and len(b.where) == 6
+    assert b.get(sequence_key([2], [1]))[0] == -1.5 and len(loaded) == 1
+    assert b.get(sequence_key([2], [2]))[0] == -2.5 and len(loaded) == 1
+    assert b.get(sequence_key([9], [9])) is None and len(loaded) == 1
