@@ -119,7 +119,7 @@ def test_paper_claims_runs_end_to_end_on_the_tiny_model_and_resumes(tmp_path, ca
 
 def test_online_arith_composes_every_run():
     spec = load_spec("online_arith")
-    assert list(spec.arms) == ["sft", "offline", "online_kto", "online_dpo", "online_rs_sft"]
+    assert list(spec.arms) == ["sft", "offline", "offline_same_time", "online_kto", "online_dpo", "online_rs_sft"]
     Experiment(spec, Path("unused"), SMOKE).check()  # a wrong override in any arm fails here
 
 
