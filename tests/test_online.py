@@ -105,8 +105,10 @@ def test_resume_in_the_middle_of_round_two_equals_an_uninterrupted_run(tmp_path)
         mp.setattr("kto_cli.online.generate", lambda *a, **k: pytest.fail("a finished run sampled"))
         train(make_config(*args, "trainer.resume=auto"), b)
     assert sorted(p.name for p in (b / "rounds").iterdir()) == ["1", "2"]
+    with pytest.raises(UserError, match=r"written under other settings: online.generation.top_p 1.0 -> 0.9\."):
+        train(make_config(*args, "trainer.resume=auto", "online.generation.top_p=0.9"), b)  # the checkpoint's check
     with pytest.raises(UserError, match=r"rounds/2: written by a run with other .* settings"):
-        train(make_config(*args, "trainer.resume=auto", "online.generation.top_p=0.9"), b)
+        train(make_config(*args, "trainer.resume=auto", "trainer.resume_force=true", "online.generation.top_p=0.9"), b)
 
 
 def test_a_signal_while_sampling_stops_with_the_rounds_answers_and_resumes(tmp_path, monkeypatch):

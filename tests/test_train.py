@@ -243,10 +243,8 @@ def uninterrupted(tmp_path_factory):
 # where the signal comes: (function, which call of it), what the run says when it stops (None: it
 # finishes, the signal coming when only the export is left)
 PHASES = {
-    "sft phase, its last step": ("kto_cli.train.Trainer.optimizer_step", 2, "after step 2; checkpoint .*sft"),
     "sft phase, its export": ("kto_cli.train.export_final", 1, "after the SFT phase"),
     "reference pass": ("kto_cli.reference.compute", 1, "after loading the model and the reference log-probs"),
-    "first evaluation": ("kto_cli.train.Trainer.evaluate_generation", 3, "in the evaluation before training"),
     "sft phase, its first evaluation": ("kto_cli.generate.generate_batch", 1, "in the evaluation before training"),
     "last step": ("kto_cli.train.Trainer.optimizer_step", 5, "after step 3"),
     "final evaluation": ("kto_cli.generate.generate_batch", 13, "in the final evaluation; the final checkpoint is kept"),
