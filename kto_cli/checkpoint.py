@@ -140,14 +140,19 @@ def load_checkpoint(path: Path, backend, identity: dict, force: bool = False) ->
     if state.get("backend", "torch") != backend.name:
         raise UserError(f"{path}: checkpoint was written with backend {state.get('backend')}, this run uses "
                         f"{backend.name} (deepspeed=none is torch; zero0-3 are deepspeed)")
+    refuse_changes(path, state, identity, force)
+    backend.load(path)
+    return state["step"]
+
+
+def refuse_changes(path: Path, state: dict, identity: dict, force: bool = False) -> None:
+    """One line when the checkpoint was written under other settings (a warning with force)."""
     differ = changes(state, identity)
     if differ and not force:
         raise UserError(f"{path}: written under other settings: {'; '.join(differ)}. Resume with the settings "
                         "it was written with, or set trainer.resume_force=true to go on anyway")
     if differ:
         log.warning("%s: resuming under other settings (trainer.resume_force): %s", path, "; ".join(differ))
-    backend.load(path)
-    return state["step"]
 
 
 class Diverged(Exception):

@@ -24,7 +24,8 @@ from . import distributed as dist
 from . import logprobs, objectives
 from . import reference as reference_mod
 from .backend import DeepSpeedBackend, Policy, TorchBackend, accumulation, ds_config
-from .checkpoint import Diverged, checkpoints, export_final, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (Diverged, checkpoints, export_final, latest_checkpoint, load_checkpoint, read_state,
+                         refuse_changes, save_checkpoint)
 from .config import ModelSource, Precision, RunConfig, UnpairMode, UserError, config_digest, fingerprint
 from .data import build_splits, collate
 from .evaluate import GenerationEval, examples_at, keep_samples, read_samples
@@ -106,6 +107,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         self.load_inputs()
         self.gen_eval = self.generation_eval()
+        self.check_resume()
         self.model = self.load_model()
         if len(self.tokenizer) > self.model.get_input_embeddings().weight.shape[0]:  # control tokens
             self.model.resize_token_embeddings(len(self.tokenizer))
@@ -562,6 +564,19 @@ class Trainer:
             if k + 1 == len(paths):
                 raise UserError(f"{path}: damaged ({error or 'on another rank'}) and no earlier checkpoint to resume from")
             log.warning("%s is damaged (%s); resuming from %s instead", path, error or "on another rank", paths[k + 1])
+
+    def check_resume(self) -> None:
+        """Before the model loads: a checkpoint to resume written under other settings is one line
+        now, not after the model and the reference pass (a damaged one is left to resume())."""
+        t = self.cfg.trainer
+        paths = checkpoints(self.run_dir) if t.resume == "auto" else [Path(t.resume)] if t.resume else []
+        if not paths or t.resume_force:
+            return
+        try:
+            state = read_state(paths[0])
+        except Exception:  # unreadable: resume() falls back to an earlier checkpoint
+            return
+        refuse_changes(paths[0], state, self.identity())
 
     def identity(self) -> dict:
         """What a checkpoint records and a resume compares (kto_cli/checkpoint.py changes())."""

@@ -62,11 +62,12 @@ def test_same_seed_same_losses_and_resume_continues_them(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_refuses_other_settings_and_falls_back_over_a_damaged_checkpoint(tmp_path, caplog):
-    """Other batch sizes or other data contents are one line naming them; a damaged newest
+def test_resume_refuses_other_settings_and_falls_back_over_a_damaged_checkpoint(tmp_path, caplog, monkeypatch):
+    """Other batch sizes or other data contents are one line naming them, before the model loads; a damaged newest
     checkpoint is a warning, and the run resumes from the one before with the uninterrupted losses."""
     from importlib import resources
     from kto_cli.config import UserError
+    from kto_cli.train import Trainer
     data = tmp_path / "train.jsonl"
     src = resources.files("kto_cli").joinpath("assets/arith_train.jsonl").read_text().splitlines()[:16]
     data.write_text("\n".join(src) + "\n")
@@ -75,11 +76,13 @@ def test_resume_refuses_other_settings_and_falls_back_over_a_damaged_checkpoint(
     train(make_config(*args), run)
     # trainer.keep_checkpoints=3 (the default): the oldest went once the newest was complete
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step_000000{s}" for s in (2, 3, 4)]
+    monkeypatch.setattr(Trainer, "load_model", lambda self: pytest.fail("the model loaded"))  # refused before it
     with pytest.raises(UserError, match=r"step_0000004: written under other settings: trainer.batch_size 8 -> 4\."):
         train(make_config(*args, "trainer.resume=auto", "trainer.batch_size=4", "trainer.micro_batch_size=4"), run)
     data.write_text("\n".join(src[:-1] + [src[-1].replace('"chosen": "', '"chosen": "9')]) + "\n")
     with pytest.raises(UserError, match=r"written under other settings: the training examples"):
         train(make_config(*args, "trainer.resume=auto"), run)
+    monkeypatch.undo()
     data.write_text("\n".join(src) + "\n")
     weights = run / "checkpoints" / "step_0000004" / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
