@@ -159,9 +159,7 @@ class Diverged(Exception):
     """Training cannot go on: the loss or gradients are not finite, or the weights are not."""
 
     def __init__(self, what: str, run_dir: Path):
-        last = latest_checkpoint(run_dir)
-        where = f"the last checkpoint is {last}" if last else "no checkpoint was written (trainer.save_every=0)"
-        super().__init__(f"{what}; stopped, {where}")
+        super().__init__(f"{what}; stopped, {last_kept(run_dir)}")
 
 
 def export_final(run_dir: Path, backend, lm, tokenizer) -> Path:

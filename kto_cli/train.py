@@ -26,7 +26,7 @@ from . import reference as reference_mod
 from .backend import DeepSpeedBackend, Policy, TorchBackend, accumulation, ds_config
 from .checkpoint import (Diverged, checkpoints, export_final, latest_checkpoint, load_checkpoint, read_state,
                          refuse_changes, save_checkpoint)
-from .config import ModelSource, Precision, RunConfig, UnpairMode, UserError, config_digest, fingerprint
+from .config import CacheMode, ModelSource, Precision, RunConfig, UnpairMode, UserError, config_digest, fingerprint
 from .data import build_splits, collate
 from .evaluate import GenerationEval, examples_at, keep_samples, read_samples
 from .files import atomic_write
@@ -325,7 +325,7 @@ class Trainer:
         preemption = Preemption.active
         if preemption is not None and preemption.requested():
             save()
-            kept = "stored in the reference cache" if self.cfg.reference.cache.value == "readwrite" else \
+            kept = "stored in the reference cache" if self.cfg.reference.cache == CacheMode.readwrite else \
                 "lost: reference.cache is not readwrite"
             preemption.stop(self.run_dir, f"in the reference pass, {done} of {total} values computed ({kept})")
 
@@ -546,7 +546,7 @@ class Trainer:
         t = self.cfg.trainer
         if not t.resume:
             return 0
-        paths = dist.broadcast(checkpoints(self.run_dir) if t.resume == "auto" else [Path(t.resume)])  # rank 0's view
+        paths = dist.broadcast(self.resume_candidates())  # rank 0's view
         if not paths:
             log.info("trainer.resume=auto: no checkpoint in %s, starting from step 0", self.run_dir)
             return 0
@@ -568,15 +568,19 @@ class Trainer:
     def check_resume(self) -> None:
         """Before the model loads: a checkpoint to resume written under other settings is one line
         now, not after the model and the reference pass (a damaged one is left to resume())."""
-        t = self.cfg.trainer
-        paths = checkpoints(self.run_dir) if t.resume == "auto" else [Path(t.resume)] if t.resume else []
-        if not paths or t.resume_force:
+        paths = self.resume_candidates()
+        if not paths or self.cfg.trainer.resume_force:
             return
         try:
             state = read_state(paths[0])
         except Exception:  # unreadable: resume() falls back to an earlier checkpoint
             return
         refuse_changes(paths[0], state, self.identity())
+
+    def resume_candidates(self) -> list:
+        """The checkpoints trainer.resume names, newest first (auto: all of this run's)."""
+        t = self.cfg.trainer
+        return checkpoints(self.run_dir) if t.resume == "auto" else [Path(t.resume)] if t.resume else []
 
     def identity(self) -> dict:
         """What a checkpoint records and a resume compares (kto_cli/checkpoint.py changes())."""
