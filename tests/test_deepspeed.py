@@ -16,6 +16,7 @@ import torch
 from kto_cli.metrics import read_metrics
 
 from conftest import TINY_RUN, free_port, make_config
+from slurm_cluster import run_under_slurm_by
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.distributed
@@ -141,6 +142,7 @@ def test_deepspeed_none_refuses_several_processes(tmp_path):
     assert out.returncode == 2 and "deepspeed=none trains in one" in out.stderr
 
 
+@run_under_slurm_by("test_two_srun_tasks_under_zero3_equal_one_process_and_a_dead_rank_loses_only_steps_since_the_checkpoint")
 def test_srun_style_ranks_from_slurm_variables(tmp_path, single):
     """Under srun each task has only SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS and the node list:
     two such processes (started by hand here, no Slurm) find each other and train as two ranks."""

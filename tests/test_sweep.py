@@ -14,6 +14,7 @@ import pytest
 from kto_cli.metrics import read_metrics
 
 from conftest import TINY_RUN
+from slurm_cluster import run_under_slurm_by
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [*TINY_RUN, "dataset.max_train_rows=12", "dataset.max_eval_rows=6",
@@ -114,6 +115,7 @@ def test_slurm_launcher_config_composes():
 
 
 @pytest.mark.subprocess
+@run_under_slurm_by("test_a_slurm_launcher_sweep_shares_the_cache_and_its_interrupted_points_resume")
 def test_submitit_local_executor_runs_one_point(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
@@ -211,6 +213,7 @@ def losses(run_dir: Path) -> dict:
 
 
 @pytest.mark.subprocess
+@run_under_slurm_by("test_a_signalled_job_checkpoints_requeues_and_ends_as_an_uninterrupted_run")
 def test_preemption_signal_checkpoints_and_resume_continues(tmp_path):
     args = [*TINY, "trainer.max_steps=150", "trainer.schedule=constant", "trainer.warmup_ratio=0",
             "dataset.eval=null"]
