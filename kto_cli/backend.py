@@ -3,6 +3,7 @@ many. The loop calls the same five methods either way (backward, step, save, loa
 the math (log-probs, losses, the KL estimate) never knows which one runs.
 """
 import functools
+import logging
 import math
 from pathlib import Path
 from typing import Optional
@@ -10,6 +11,13 @@ from typing import Optional
 import torch
 
 from .config import Offload, Precision, RunConfig, Schedule, UserError
+
+log = logging.getLogger("kto_cli")
+
+# What DeepSpeed's checkpoint files hold besides tensors and plain values (its loader unpickles them
+# with weights_only=False): a file naming any other class or function is refused before it loads.
+DEEPSPEED_PICKLED = {"deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler", "deepspeed.utils.tensor_fragment.fragment_address"}
 
 # Keys of the DeepSpeed config that come from `trainer` and may not be set in deepspeed.extra.
 DERIVED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -216,6 +224,7 @@ class DeepSpeedBackend:
     def load(self, folder: Path) -> None:
         if not (folder / "engine").is_dir():
             raise UserError(f"{folder}: not a checkpoint of a DeepSpeed run (no engine/ folder)")
+        check_runs_no_code(folder / "engine")
         path, _ = self.engine.load_checkpoint(str(folder), tag="engine", load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:
@@ -227,6 +236,21 @@ class DeepSpeedBackend:
         if self.stage == 3:
             return self.engine._zero3_consolidated_16bit_state_dict()
         return self.policy.state_dict() if torch.distributed.get_rank() == 0 else None
+
+
+def check_runs_no_code(folder: Path) -> None:
+    """Every .pt file DeepSpeed will unpickle names only torch's safe globals and DeepSpeed's state
+    classes (DEEPSPEED_PICKLED): loading it runs no code from the file. Reads each file's pickle,
+    not its tensors."""
+    unsafe_globals = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if unsafe_globals is None:  # torch < 2.5
+        log.warning("%s: this torch cannot check what DeepSpeed's checkpoint files would run; loading them", folder)
+        return
+    for f in sorted(folder.glob("*.pt")):
+        unsafe = sorted(set(unsafe_globals(f)) - DEEPSPEED_PICKLED)
+        if unsafe:
+            raise UserError(f"{f}: names {', '.join(unsafe)}, which loading would call; a kto-cli checkpoint "
+                            "holds only tensors and DeepSpeed's own state. Not loaded")
 
 
 def local_device(local_rank: int) -> torch.device:

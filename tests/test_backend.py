@@ -84,3 +84,30 @@ def test_loading_something_else_is_one_line(tmp_path):
     backend, _ = backend_and_data()
     with pytest.raises(UserError, match="not a checkpoint of a deepspeed=none run"):
         backend.load(tmp_path)
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a crafted checkpoint file could hold."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_deepspeed_checkpoint_files_that_would_run_code_are_refused_before_loading(tmp_path):
+    """DeepSpeed unpickles its files with weights_only=False: each is read for the globals it names
+    first. DeepSpeed's own state classes pass; a file naming os.system is one line, and never runs."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from kto_cli.backend import check_runs_no_code
+    torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
+                                         "state": {0: {"exp_avg": torch.zeros(3)}}}}, tmp_path / "optim_states.pt")
+    check_runs_no_code(tmp_path)
+    marker = tmp_path / "ran"
+    torch.save({"module": {"w": torch.zeros(2)}, "extra": RunsCode(marker)}, tmp_path / "model_states.pt")
+    with pytest.raises(UserError, match=r"model_states\.pt: names posix\.system, which loading would call"):
+        check_runs_no_code(tmp_path)
+    assert not marker.exists()
