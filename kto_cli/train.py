@@ -92,6 +92,7 @@ class Trainer:
         self.summary_extra = {}  # what a kind of run adds to its summary (online: its rounds)
         self.span = None  # (first step, steps, seed) of the steps training on the present data
         self.bad_steps = []  # the skipped steps in a row, up to the last one
+        self.eval_pending = None  # the resumed step, when a signal stopped its evaluation
         # Fault injection for tests: at these steps (1-based) rank 0's loss is NaN.
         self.nan_steps = {int(s) for s in os.environ.get("KTO_CLI_INJECT_NAN", "").split(",") if s}
 
@@ -494,19 +495,23 @@ class Trainer:
 
     def eval_interruptible(self, step: int):
         """Where a scheduler's signal may stop an evaluation part-way (None: it runs to its end): the
-        one before training (nothing to keep yet) and the final one (its checkpoint is written)."""
+        one before training (nothing to keep yet), one between steps (its step's checkpoint is
+        written, marked so that the resumed run evaluates first) and the final one (its checkpoint
+        is written)."""
         preemption, final = Preemption.active, step == self.steps and step > 0
-        if preemption is None or not (step == 0 or (final and self.cfg.trainer.final_checkpoint)):
+        if preemption is None or (final and not self.cfg.trainer.final_checkpoint):
             return None
-        when = "in the final evaluation; the final checkpoint is kept" if final else "in the evaluation before training"
 
         def check():
-            if preemption.requested():
-                if self.metrics_log is not None:
-                    self.metrics_log.close()
-                preemption.stop(self.run_dir, when, self.steps if final else None)
+            if not preemption.requested():
+                return
+            if 0 < step < self.steps:
+                self.stop(step, preemption, saved=self.eval_pending == step, eval_pending=True)
+            if self.metrics_log is not None:
+                self.metrics_log.close()
+            preemption.stop(self.run_dir, "in the final evaluation; the final checkpoint is kept" if final
+                            else "in the evaluation before training", self.steps if final else None)
         return check
-
 
     # ---------------------------------------------------------------- the run
 
@@ -520,6 +525,8 @@ class Trainer:
         last, first_step_at = {}, time.perf_counter()
         with tqdm(total=self.steps, initial=start_step, desc=self.cfg.loss.name, unit="step",
                   disable=not self.show_progress) as bar, Preemption() as preemption:
+            if self.eval_pending is not None:  # the evaluation a signal stopped, before anything else of this step
+                self.log_metrics(start_step, "eval", self.evaluate(start_step))
             self.ready(start_step, preemption)
             before = self.evaluate_before(start_step)
             preemption.check(self.run_dir, "after the evaluation before training")
@@ -560,6 +567,7 @@ class Trainer:
                 error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             if not dist.all_max(int(error is not None)):  # every rank loaded it
                 log.info("resumed from %s at step %d", path, step)
+                self.eval_pending = step if read_state(path).get("eval_pending") else None
                 return step
             if k + 1 == len(paths):
                 raise UserError(f"{path}: damaged ({error or 'on another rank'}) and no earlier checkpoint to resume from")
@@ -619,14 +627,17 @@ class Trainer:
         every = self.cfg.trainer.eval_every
         return bool(every and done % every == 0)
 
-    def stop(self, done: int, preemption: Preemption, saved: bool = False) -> None:
-        """On a scheduler's signal: the checkpoint of step `done` (unless saved), then Preempted."""
+    def stop(self, done: int, preemption: Preemption, saved: bool = False, eval_pending: bool = False) -> None:
+        """On a scheduler's signal: the checkpoint of step `done` (unless saved), then Preempted.
+        eval_pending: the signal came in step `done`'s evaluation, which the resumed run does first."""
         path = self.run_dir / "checkpoints" / f"step_{done:07d}"
         if not saved:
-            path = save_checkpoint(self.run_dir, done, self.backend, self.identity(), self.cfg.trainer.keep_checkpoints)
+            path = save_checkpoint(self.run_dir, done, self.backend, {**self.identity(), "eval_pending": eval_pending},
+                                   self.cfg.trainer.keep_checkpoints)
         if self.metrics_log is not None:
             self.metrics_log.close()
-        preemption.stop(self.run_dir, f"after step {done}; checkpoint {path}", done)
+        when = f"in the evaluation after step {done}" if eval_pending else f"after step {done}"
+        preemption.stop(self.run_dir, f"{when}; checkpoint {path}", done)
 
     def finish(self, before: dict, last: dict, train_time: float, started: float,
                sft_phase: Optional[dict] = None) -> dict:

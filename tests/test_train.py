@@ -232,7 +232,7 @@ def test_a_disk_too_full_for_a_checkpoint_stops_before_writing_it(tmp_path, smal
         subprocess.run(["umount", str(run / "checkpoints")])
 
 
-PHASED = [*TINY, "trainer.sft_steps=2", "trainer.max_steps=3", "eval.generation.max_new_tokens=3",
+PHASED = [*TINY, "trainer.sft_steps=2", "trainer.max_steps=3", "trainer.eval_every=2", "eval.generation.max_new_tokens=3",
           "eval.generation.batch_size=2"]  # 4 batches of the 8 held-out prompts
 
 
@@ -249,8 +249,9 @@ PHASES = {
     "sft phase, its export": ("kto_cli.train.export_final", 1, "after the SFT phase"),
     "reference pass": ("kto_cli.reference.compute", 1, "after loading the model and the reference log-probs"),
     "sft phase, its first evaluation": ("kto_cli.generate.generate_batch", 1, "in the evaluation before training"),
+    "evaluation between steps": ("kto_cli.generate.generate_batch", 14, "in the evaluation after step 2; checkpoint"),
     "last step": ("kto_cli.train.Trainer.optimizer_step", 5, "after step 3"),
-    "final evaluation": ("kto_cli.generate.generate_batch", 13, "in the final evaluation; the final checkpoint is kept"),
+    "final evaluation": ("kto_cli.generate.generate_batch", 17, "in the final evaluation; the final checkpoint is kept"),
     "export": ("kto_cli.train.export_final", 2, None),
 }
 
