@@ -8,6 +8,7 @@ reason, where no cluster can start (Slurm not installed, not root)."""
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -158,3 +159,5 @@ def test_a_slurm_launcher_sweep_shares_the_cache_and_its_interrupted_points_resu
     first_starts = [re.search(r"reference log-probs: (\d+) reused from the cache, (\d+) computed",
                               (sweep / str(p) / "kto-train.log").read_text()).groups() for p in (0, 1)]
     assert sorted(first_starts) == [("0", "47"), ("47", "0")]  # the resumed jobs read their run dir's copy
+    lock = next(Path(os.environ["KTO_CLI_CACHE"]).rglob(".computing.lock")).read_text()
+    assert re.fullmatch(rf"{socket.gethostname()}:\d+ \(job \d+\)\n", lock)  # the holder, as waiting runs name it
