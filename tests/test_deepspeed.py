@@ -69,7 +69,9 @@ def single(tmp_path_factory):
 
 @pytest.mark.parametrize("stage", ["zero0"])  # ZeRO-2: the lock-wait test; ZeRO-3: the resume test below
 def test_two_ranks_match_one_process(tmp_path, single, stage):
-    launch(tmp_path, f"deepspeed={stage}", "trainer.max_steps=4", "trainer.micro_batch_size=2", env=NAN_AT)
+    """(Started by the deepspeed launcher, which appends --local_rank=N to kto-train's arguments.)"""
+    launch(tmp_path, f"deepspeed={stage}", "trainer.max_steps=4", "trainer.micro_batch_size=2", launcher="deepspeed",
+           env=NAN_AT)
     check_two_ranks(tmp_path, single, stage)
 
 
@@ -99,17 +101,13 @@ def test_token_normalised_losses_over_two_ranks_match_one_process(tmp_path, loss
         assert got[step][0] == pytest.approx(value, abs=2e-5), (loss, step)
 
 
+@run_under_slurm_by("test_two_srun_tasks_under_zero3_equal_one_process_and_a_dead_rank_loses_only_steps_since_the_checkpoint")
 def test_zero3_resume_and_consolidated_final(tmp_path, single):
-    """A zero3 run (launched by the deepspeed launcher) matches one process; interrupted after its
-    step-2 checkpoint and resumed, it logs the same losses as the uninterrupted run; final/ loads in
-    transformers and holds the engine's weights (the fp32 master weights of its last checkpoint,
-    gathered from both ranks' shards)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoModelForCausalLM
-
+    """A zero3 run matches one process; interrupted after its step-2 checkpoint and resumed, it logs
+    the same losses as the uninterrupted run; final/ holds the engine's weights (check_zero3_final)."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     args = ["deepspeed=zero3", "trainer.max_steps=4", "trainer.micro_batch_size=2", "trainer.save_every=2"]
-    launch(full, *args, launcher="deepspeed", env=NAN_AT)
+    launch(full, *args, env=NAN_AT)
     check_two_ranks(full, single, "zero3")  # this stage's run of test_two_ranks_match_one_process
     cut.mkdir()
     shutil.copytree(full / "checkpoints" / "step_0000002", cut / "checkpoints" / "step_0000002")
@@ -119,16 +117,26 @@ def test_zero3_resume_and_consolidated_final(tmp_path, single):
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
         assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-6)
-    # one process resuming the two ranks' checkpoint is told so in one line, before anything loads
+    check_zero3_final(full, 4)
+
+
+def check_zero3_final(run_dir, step: int) -> None:
+    """final/ of a 2-rank ZeRO-3 run loads in transformers and holds the engine's weights (the fp32
+    master weights of its last checkpoint, gathered from both ranks' shards); one process resuming
+    that checkpoint is told so in one line, before anything loads."""
     from types import SimpleNamespace
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM
+
     from kto_cli.checkpoint import load_checkpoint, read_state
     from kto_cli.config import UserError
-    state = read_state(cut / "checkpoints" / "step_0000002")
+    last = run_dir / "checkpoints" / f"step_{step:07d}"
+    state = read_state(last)
     with pytest.raises(UserError, match=r"written under other settings: processes 2 -> 1\. Resume"):
-        load_checkpoint(cut / "checkpoints" / "step_0000002", SimpleNamespace(name="deepspeed"), {**state, "world": 1})
-
-    final = AutoModelForCausalLM.from_pretrained(full / "final").state_dict()
-    engine = get_fp32_state_dict_from_zero_checkpoint(str(full / "checkpoints" / "step_0000004"), tag="engine")
+        load_checkpoint(last, SimpleNamespace(name="deepspeed"), {**state, "world": 1})
+    final = AutoModelForCausalLM.from_pretrained(run_dir / "final").state_dict()
+    engine = get_fp32_state_dict_from_zero_checkpoint(str(last), tag="engine")
     engine = {k[len("lm."):]: v for k, v in engine.items()}
     assert set(final) == set(engine)
     for k in final:

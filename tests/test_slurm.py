@@ -88,9 +88,9 @@ def test_two_srun_tasks_under_zero3_equal_one_process_and_a_dead_rank_loses_only
     """Two tasks of one job (ranks from SLURM_PROCID, the rendezvous from the node list) train under
     ZeRO-3 with a NaN at step 2. Task 1 is killed (-9) once the step-4 checkpoint is written: srun
     ends the job at once (not after a collective's timeout) and does not requeue it (a crash is not a
-    preemption); the same sbatch again continues from the last checkpoint, and every step's loss is
-    one plain process's."""
-    from test_deepspeed import COMMON, NAN_AT, one_process
+    preemption); the same sbatch again continues from the last checkpoint, every step's loss is one
+    plain process's, and final/ holds the engine's weights."""
+    from test_deepspeed import COMMON, NAN_AT, check_zero3_final, one_process
     steps = ["trainer.max_steps=12", "trainer.save_every=2"]
     single, _ = one_process(tmp_path / "single", *steps, env=NAN_AT)  # micro-batches of 4: 2 ranks x 2
     run_dir = tmp_path / "two"
@@ -122,6 +122,7 @@ def test_two_srun_tasks_under_zero3_equal_one_process_and_a_dead_rank_loses_only
     for step, (loss, kl) in single.items():
         assert got[step][0] == pytest.approx(loss, abs=2e-5, nan_ok=True), step
         assert got[step][1] == pytest.approx(kl, abs=2e-5), step
+    check_zero3_final(run_dir, 12)
 
 
 def test_a_slurm_launcher_sweep_shares_the_cache_and_its_interrupted_points_resume(tmp_path, slurm):
