@@ -133,7 +133,14 @@ class TorchBackend:
         return norm, applied
 
     def save(self, folder: Path) -> None:
-        self.policy.lm.save_pretrained(folder / "model")
+        lm = self.policy.lm
+        if any(not p.requires_grad for p in lm.parameters()):  # LoRA: the base never changes; the adapters alone
+            from safetensors.torch import save_file
+            (folder / "model").mkdir()
+            save_file({n: p.detach().contiguous() for n, p in lm.named_parameters() if p.requires_grad},
+                      str(folder / "model" / "trained.safetensors"))
+        else:
+            lm.save_pretrained(folder / "model")
         head = self.policy.value_head
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "value_head": head.state_dict() if head is not None else None}, folder / "optimizer.pt")
@@ -148,7 +155,8 @@ class TorchBackend:
         lm = self.policy.lm
         missing, unexpected = lm.load_state_dict(weights, strict=False)
         lm.tie_weights()
-        if unexpected or [k for k in missing if "lm_head" not in k]:
+        frozen = {n for n, p in lm.named_parameters() if not p.requires_grad}  # LoRA's base: not in the checkpoint
+        if unexpected or [k for k in missing if "lm_head" not in k and k not in frozen]:
             raise UserError(f"{folder}: checkpoint weights do not fit the model "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)  # runs no code

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import distributed as dist
+from .models import merge_lora, peft_config
 from .config import UserError
 
 log = logging.getLogger("kto_cli")
@@ -162,9 +163,11 @@ class Diverged(Exception):
         super().__init__(f"{what}; stopped, {last_kept(run_dir)}")
 
 
-def export_final(run_dir: Path, backend, lm, tokenizer) -> Path:
+def export_final(run_dir: Path, backend, lm, tokenizer, lora=None, base: str = "") -> Path:
     """final/: a save_pretrained folder (model + tokenizer) that transformers loads as is, from the
     weights gathered on rank 0 (consolidated under ZeRO-3), plus value_head.safetensors for ppo.
+    With LoRA adapters (lora: their config): the merged model and final/adapter (peft's layout,
+    base: the base model's name), or with lora.merge=false the adapter alone in final/.
     Weights that are not all finite are never exported (Diverged)."""
     state = backend.state_dict()  # a collective under ZeRO-3
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()] if state is not None else []
@@ -176,7 +179,14 @@ def export_final(run_dir: Path, backend, lm, tokenizer) -> Path:
         if not dist.is_main():
             return
         weights = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
-        lm.save_pretrained(tmp, state_dict=weights)
+        if lora is not None:
+            weights, adapter = merge_lora(weights, lora)
+            folder = tmp / "adapter" if lora.merge else tmp
+            folder.mkdir(exist_ok=True)
+            save_file(adapter, str(folder / "adapter_model.safetensors"))
+            peft_config(lora, base).save_pretrained(str(folder))
+        if lora is None or lora.merge:
+            lm.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         head = {k[len("value_head."):]: v.contiguous() for k, v in state.items() if k.startswith("value_head.")}
         if head:

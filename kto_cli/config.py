@@ -8,7 +8,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -64,6 +64,21 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    # 0: full fine-tuning. r > 0: LoRA adapters of this rank (peft) on target_modules, every other
+    # weight frozen; the reference is the base model (adapters off), cached under its key.
+    r: int = 0
+    alpha: float = 16.0  # the update is B A * alpha / r
+    dropout: float = 0.0
+    # Names of linear layers (their last name part, e.g. [q_proj, v_proj]); null: every linear layer
+    # but the output head ("all-linear", as QLoRA found best), the same rule for every family.
+    target_modules: Optional[List[str]] = None
+    # final/ holds the merged model (base + B A * alpha / r; loads with from_pretrained, as a full
+    # fine-tune's does) and the adapter in final/adapter; false: final/ holds the adapter alone.
+    merge: bool = True
+
+
+@dataclass
 class ModelConfig:
     source: ModelSource = ModelSource.hf
     # hf: hub id or folder; gguf: folder holding the file, or "package:NAME" for a Python package
@@ -80,6 +95,7 @@ class ModelConfig:
     # the model's own forward with full logits, for a family whose post-processing kto-cli lacks.
     sparse_head: bool = True
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -384,6 +400,10 @@ def check_numbers(run: RunConfig) -> None:
     for key in ("adam_beta1", "adam_beta2"):
         _check(0 <= getattr(t, key) < 1, f"trainer.{key} must be in [0, 1), got {getattr(t, key)}")
     _check(t.weight_decay >= 0, f"trainer.weight_decay must be 0 or positive, got {t.weight_decay}")
+    lora = run.model.lora
+    _check(lora.r >= 0, f"model.lora.r must be 0 (off) or positive, got {lora.r}")
+    _check(lora.alpha > 0, f"model.lora.alpha must be positive, got {lora.alpha}")
+    _check(0 <= lora.dropout < 1, f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
 
 
 def check_online(run: RunConfig) -> None:
@@ -396,9 +416,10 @@ def check_online(run: RunConfig) -> None:
     _check(o.steps_per_round is not None or t.max_steps is None or t.max_steps % o.rounds == 0,
            f"trainer.max_steps={t.max_steps} does not split evenly into online.rounds={o.rounds}: "
            "set online.steps_per_round")
-    _check(o.reference == OnlineReference.round or o.rounds == 1 or run.deepspeed.stage != 3,
+    _check(o.reference == OnlineReference.round or o.rounds == 1 or run.deepspeed.stage != 3 or run.model.lora.r > 0,
            "online.reference=initial swaps the initial weights in for each round's reference pass, which "
-           "kto-cli does not do under ZeRO-3: use online.reference=round or ZeRO stage 0-2")
+           "kto-cli does not do under ZeRO-3: use online.reference=round, ZeRO stage 0-2, or LoRA "
+           "(model.lora.r > 0: the reference is the base model, adapters off)")
 
 
 def config_digest(cfg: RunConfig, groups: tuple = ()) -> str:

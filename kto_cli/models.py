@@ -1,4 +1,5 @@
-"""Loading a causal LM and its tokenizer: hub name or folder, GGUF file, or a tiny config."""
+"""Loading a causal LM and its tokenizer: hub name or folder, GGUF file, or a tiny config; LoRA adapters."""
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, ModelSource, UserError
+from .config import LoraConfig, ModelConfig, ModelSource, UserError
 
 # ChatML without a default system prompt, for the tiny byte-level tokenizer.
 TINY_CHAT_TEMPLATE = (
@@ -173,3 +174,59 @@ def disable_dropout(model) -> None:
             m.p = 0.0
         if isinstance(getattr(m, "attention_dropout", None), float):  # functional dropout in attention
             m.attention_dropout = 0.0
+
+
+# ---------------------------------------------------------------- LoRA adapters
+
+def add_lora(model, cfg: LoraConfig) -> None:
+    """LoRA adapters (peft) injected in place: the model keeps its class and forward (so every
+    log-prob layout works unchanged), only the adapters train. B starts at zero, so the policy
+    starts as the base model exactly."""
+    from peft import inject_adapter_in_model
+
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    unknown = [t for t in cfg.target_modules or [] if t not in linear]
+    if unknown:
+        raise UserError(f"model.lora.target_modules: {', '.join(unknown)} is not a linear layer of this model; "
+                        f"its linear layers: {', '.join(linear)}")
+    inject_adapter_in_model(peft_config(cfg), model)
+    for name, p in model.named_parameters():
+        p.requires_grad = ".lora_" in name
+
+
+def peft_config(cfg: LoraConfig, base: str = ""):
+    from peft import LoraConfig as PeftLora
+    return PeftLora(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
+                    target_modules=list(cfg.target_modules) if cfg.target_modules else "all-linear",
+                    base_model_name_or_path=base or None)
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """The base model: every LoRA layer computes its base layer alone (a no-op without adapters)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+
+
+def merge_lora(state: dict, cfg: LoraConfig) -> tuple:
+    """(The base model's weights with each adapter's update added: W + B A * alpha / r, under the
+    base model's own names; the adapters' weights under peft's names) from an injected model's
+    state dict."""
+    merged, adapter = {}, {}
+    for k, v in state.items():
+        if ".lora_A." in k or ".lora_B." in k:  # x.lora_A.default.weight -> base_model.model.x.lora_A.weight
+            adapter["base_model.model." + k.replace(".default.", ".")] = v.contiguous()
+        else:
+            merged[k.replace(".base_layer.", ".")] = v
+    for k in [k for k in state if ".lora_A." in k]:
+        a, b = state[k].float(), state[k.replace(".lora_A.", ".lora_B.")].float()  # (r, in), (out, r)
+        w = k.split(".lora_A.")[0] + ".weight"
+        merged[w] = (merged[w].float() + (b @ a) * (cfg.alpha / cfg.r)).to(merged[w].dtype)  # (out, in)
+    return merged, adapter

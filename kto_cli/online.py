@@ -93,7 +93,7 @@ class OnlineTrainer(Trainer):
             return super().use_data(span, reference_file, cache)
         o, cfg = self.cfg.online, self.cfg
         if self.need.reference and o.reference == OnlineReference.initial and cfg.deepspeed.stage != 3 \
-                and (o.rounds > 1 or cfg.trainer.resume):
+                and (o.rounds > 1 or cfg.trainer.resume) and not cfg.model.lora.r:  # LoRA: the base, adapters off
             self.initial = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def reference(self, path: Path, cache: bool = True, weights_gone: str = ""):
@@ -151,7 +151,7 @@ class OnlineTrainer(Trainer):
         moved = self.start > r * self.per_round  # resumed mid-round: the policy is past the round's start
         swap = initial and self.initial is not None and (r > 0 or moved)
         # the model holds the reference's weights (else only the round's file can give its values)
-        ok = (swap or (r == 0 and not moved)) if initial else not moved
+        ok = (swap or (r == 0 and not moved) or bool(self.cfg.model.lora.r)) if initial else not moved
         self.weights_gone = "" if ok else f"the policy has trained past round {r + 1}'s start" if moved else \
             "under ZeRO-3 no copy of the initial weights is kept"
         with self.initial_weights() if swap else contextlib.nullcontext():
@@ -228,6 +228,12 @@ class OnlineTrainer(Trainer):
             self.log_metrics(r * self.per_round, "online", stats)
         rounds = [json.loads((self.run_dir / "rounds" / str(k) / "round.json").read_text()) for k in range(1, r + 2)]
         self.summary_extra["rounds"] = [{k: v for k, v in d.items() if k != "config"} for d in rounds]
+
+    def reference_weights(self):
+        """online.reference=initial: the initial policy (with LoRA, the base: adapters off; else the
+        swap in enter_round); round: the policy as it is at the round's start."""
+        initial = self.cfg.online.reference == OnlineReference.initial
+        return super().reference_weights() if initial else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def initial_weights(self):

@@ -34,7 +34,7 @@ from .logprobs import (Layout, Logps, Runner, completion_logps, completion_logps
                        logps_of, packed_logps, to_device)
 from .losses import kl_estimate
 from .metrics import MetricSums, MetricsLog, pair_accuracy, peak_gpu_mb, peak_rss_mb, print_summary
-from .models import load_model, load_tokenizer
+from .models import adapters_off, add_lora, load_model, load_tokenizer
 from . import preemption as preempt
 from .preemption import Preemption
 from .reference import open_cache
@@ -112,6 +112,8 @@ class Trainer:
         self.model = self.load_model()
         if len(self.tokenizer) > self.model.get_input_embeddings().weight.shape[0]:  # control tokens
             self.model.resize_token_embeddings(len(self.tokenizer))
+        if cfg.model.lora.r:
+            add_lora(self.model, cfg.model.lora)
         if cfg.trainer.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if need.value_head:
@@ -309,16 +311,22 @@ class Trainer:
                             "resume with the settings the run started with, or start it afresh")
         started = time.perf_counter()
         run = Runner(self.pad_id, self.device, self.autocast, self.cfg.reference.batch_size, self.backend, self.layout)
-        ref, report = reference_mod.reference_pass(
-            lambda: self.model, used, self.kl_splits(), self.need.per_token,
-            open_cache(self.cfg, self.tokenizer) if cache else None, run,
-            self.show_progress, shard=(self.rank, self.world), exchange=self.world > 1, after_piece=self.after_piece)
+        with self.reference_weights():
+            ref, report = reference_mod.reference_pass(
+                lambda: self.model, used, self.kl_splits(), self.need.per_token,
+                open_cache(self.cfg, self.tokenizer) if cache else None, run,
+                self.show_progress, shard=(self.rank, self.world), exchange=self.world > 1, after_piece=self.after_piece)
         log.info("reference log-probs: %d reused from the cache, %d computed", report["reused"], report["computed"])
         self.reference_report = {**report, "seconds": time.perf_counter() - started}
         if dist.is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
             reference_mod.save(ref, path, fp)
         return ref
+
+    def reference_weights(self):
+        """The reference's weights in the model during a reference pass: the initial policy's, which
+        with LoRA adapters is the base model with the adapters off."""
+        return adapters_off(self.model)
 
     def after_piece(self, done: int, total: int, save) -> None:
         """Between pieces of the reference pass: on a scheduler's signal, the values so far are
@@ -654,7 +662,9 @@ class Trainer:
         if self.metrics_log is not None:
             self.metrics_log.close()
         self.objective.export(self.tokenizer)
-        export_final(self.run_dir, self.backend, self.model, self.tokenizer)
+        lora = self.cfg.model.lora
+        export_final(self.run_dir, self.backend, self.model, self.tokenizer, lora if lora.r else None,
+                     self.cfg.model.name_or_path)
         ref = self.reference_report or {}
         samples = read_samples(self.run_dir / "samples.jsonl") if dist.is_main() else []
         summary = {"steps": self.steps, "train_seconds": train_time, "wall_seconds": time.perf_counter() - started,

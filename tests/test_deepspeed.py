@@ -101,6 +101,23 @@ def test_token_normalised_losses_over_two_ranks_match_one_process(tmp_path, loss
         assert got[step][0] == pytest.approx(value, abs=2e-5), (loss, step)
 
 
+def test_lora_under_zero3_matches_one_process(tmp_path):
+    """LoRA adapters sharded by ZeRO-3 over two ranks (the reference pass with the adapters off, in
+    step on both ranks): the losses and the merged final/ are one process's."""
+    from safetensors.torch import load_file
+    lora = ["model.lora.r=4", "eval.generation.max_new_tokens=4"]
+    expect, _ = one_process(tmp_path / "single", *lora)
+    launch(tmp_path / "two", "deepspeed=zero3", "trainer.max_steps=4", "trainer.micro_batch_size=2", *lora)
+    got = train_losses(tmp_path / "two")
+    for step, (loss, kl) in expect.items():
+        assert got[step] == pytest.approx((loss, kl), abs=2e-5), step
+    merged = [load_file(str(tmp_path / run / "final" / "model.safetensors")) for run in ("single", "two")]
+    assert set(merged[0]) == set(merged[1]) and not any("lora" in k for k in merged[0])
+    for k in merged[0]:
+        torch.testing.assert_close(merged[1][k], merged[0][k], rtol=0, atol=1e-5)
+    assert (tmp_path / "two" / "final" / "adapter" / "adapter_model.safetensors").is_file()
+
+
 @run_under_slurm_by("test_two_srun_tasks_under_zero3_equal_one_process_and_a_dead_rank_loses_only_steps_since_the_checkpoint")
 def test_zero3_resume_and_consolidated_final(tmp_path, single):
     """A zero3 run matches one process; interrupted after its step-2 checkpoint and resumed, it logs
