@@ -291,6 +291,18 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class LoggerConfig:
+    # Trackers beside metrics.jsonl (always written: the source of truth), with its metric names and
+    # the resolved config: `logger=tensorboard`, `logger=[tensorboard,mlflow]`, ... (conf/logger/).
+    tensorboard: bool = False  # RUN/tensorboard
+    mlflow: bool = False
+    wandb: bool = False  # WANDB_MODE=offline for no network (RUN/wandb/offline-run-*; `wandb sync` later)
+    project: str = "kto-cli"  # MLflow's experiment, W&B's project
+    # null: $MLFLOW_TRACKING_URI, else ./mlflow.db (MLflow's own default; `mlflow ui` reads it)
+    mlflow_uri: Optional[str] = None
+
+
+@dataclass
 class RunConfig:
     seed: int = 0  # `seed=N`: every seed below that is left null (model.tiny, dataset, trainer) derives from it
     model: ModelConfig = MISSING
@@ -302,6 +314,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
     verifier: VerifierConfig = MISSING
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     def __post_init__(self):
         """Null seeds take the run's, however the config was built (Hydra or code)."""
@@ -318,6 +331,7 @@ def register_configs() -> None:
     cs.store(group="trainer", name="schema", node=TrainerConfig)
     cs.store(group="deepspeed", name="schema", node=DeepSpeedConfig)
     cs.store(group="verifier", name="schema", node=VerifierConfig)
+    cs.store(group="logger", name="schema", node=LoggerConfig)
     from .objectives import REGISTRY  # the losses import this module
     for objective in REGISTRY.values():  # loss=NAME; conf/loss/ holds only named presets (cdpo)
         cs.store(group="loss", name=objective.name, node=objective.schema)

@@ -59,12 +59,13 @@ def read_metrics(where: Path, split: Optional[str] = None) -> list:
 
 
 class MetricsLog:
-    """metrics.jsonl in the run dir, one JSON object per logged step, flushed as written."""
+    """metrics.jsonl in the run dir, one JSON object per logged step, flushed as written; the same
+    values go to the trackers (kto_cli/trackers.py), if any."""
 
-    def __init__(self, path: Path, resume_step: int = 0):
+    def __init__(self, path: Path, resume_step: int = 0, trackers=None):
         """resume_step > 0 keeps the records up to that step (a crashed run may have logged past its
         last checkpoint; those steps are about to be run again)."""
-        self.path = path
+        self.path, self.trackers = path, trackers
         kept = []
         if resume_step:
             kept = [json.dumps(r) for r in read_metrics(path) if r["step"] <= resume_step]
@@ -80,11 +81,15 @@ class MetricsLog:
 
     def close(self) -> None:
         self.f.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
     def write(self, step: int, split: str, metrics: dict) -> None:
         record = {"step": step, "time": time.time(), **{f"{split}/{k}": v for k, v in metrics.items()}}
         self.f.write(json.dumps(record) + "\n")
         self.f.flush()
+        if self.trackers is not None:
+            self.trackers.log(step, split, metrics)
 
 
 def peak_gpu_mb() -> Optional[float]:

@@ -34,6 +34,7 @@ from .logprobs import (Layout, Logps, Runner, completion_logps, completion_logps
                        logps_of, packed_logps, to_device)
 from .losses import kl_estimate
 from .metrics import MetricSums, MetricsLog, pair_accuracy, peak_gpu_mb, peak_rss_mb, print_summary
+from .trackers import Trackers
 from .models import adapters_off, add_lora, load_model, load_tokenizer
 from . import preemption as preempt
 from .preemption import Preemption
@@ -109,6 +110,7 @@ class Trainer:
         self.load_inputs()
         self.gen_eval = self.generation_eval()
         self.check_resume()
+        self.tracked = self.trackers() if dist.is_main() else None
         self.model = self.load_model()
         if len(self.tokenizer) > self.model.get_input_embeddings().weight.shape[0]:  # control tokens
             self.model.resize_token_embeddings(len(self.tokenizer))
@@ -527,7 +529,7 @@ class Trainer:
         """Evaluate, train from the resumed step to the end (stopping cleanly on a scheduler's
         signal), evaluate again, export; the summary (with that of the job's SFT phase, if any)."""
         start_step = self.resume()
-        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=start_step) if dist.is_main() else None
+        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", start_step, self.tracked) if dist.is_main() else None
         if dist.is_main():  # samples past the checkpoint are about to be made again
             keep_samples(self.run_dir / "samples.jsonl", start_step)
         last, first_step_at = {}, time.perf_counter()
@@ -549,6 +551,11 @@ class Trainer:
                 bar.update(1)
                 self.after_step(step + 1, last, preemption)
         return self.finish(before, last, time.perf_counter() - first_step_at, started, sft_phase)
+
+    def trackers(self) -> Trackers:
+        """logger=...: the trackers beside metrics.jsonl, given the resolved config."""
+        config = OmegaConf.to_container(OmegaConf.structured(self.cfg), enum_to_str=True)
+        return Trackers(self.run_dir, self.cfg.logger, config)
 
     def ready(self, step: int, preemption: Preemption) -> bool:
         """Before a step: whether it trains (online rounds make their data here; on a signal while
