@@ -99,6 +99,24 @@ class ModelConfig:
 
 
 @dataclass
+class Columns:
+    """The data's column for each field kto-cli reads (null: the field's own name)."""
+    prompt: Optional[str] = None
+    completion: Optional[str] = None
+    label: Optional[str] = None
+    chosen: Optional[str] = None
+    rejected: Optional[str] = None
+
+
+@dataclass
+class MixSource:
+    source: str = MISSING  # a file or hub name, as dataset.train
+    weight: float = 1.0  # its share of the mix (the weights are normalised)
+    split: str = "train"
+    columns: Optional[Columns] = None  # its own column names; null: dataset.columns
+
+
+@dataclass
 class DatasetConfig:
     # A .jsonl/.json/.parquet/.csv path, "package:FILE" for data shipped with kto-cli, or a hub name.
     train: str = MISSING
@@ -118,6 +136,12 @@ class DatasetConfig:
     skip_bad_rows: bool = False  # when true, bad rows are counted and skipped instead of fatal
     seed: Optional[int] = None  # unpairing, subsampling, held-out split and KL partners; null: the run's seed
     kl_partners: KLPartners = KLPartners.derangement  # which completion each example's KL sequence takes
+    # For data whose columns have other names: dataset.columns.prompt=question dataset.columns.label=is_good
+    columns: Columns = field(default_factory=Columns)
+    # Training rows from several sources in proportions (in place of dataset.train), each source's
+    # rows drawn in a seeded order, as many as keep the proportions without repeating a row:
+    # dataset.mix='[{source: a.jsonl, weight: 0.7}, {source: b.jsonl, weight: 0.3}]'
+    mix: List[MixSource] = field(default_factory=list)
 
 
 @dataclass
@@ -384,6 +408,8 @@ def validate(run: RunConfig) -> None:
     _check(0 < d.max_prompt_length < d.max_length,
            f"dataset.max_prompt_length={d.max_prompt_length} must be positive and below dataset.max_length={d.max_length}")
     _check(run.model.source != ModelSource.gguf or bool(run.model.gguf_file), "model.source=gguf needs model.gguf_file")
+    for k, m in enumerate(d.mix):
+        _check(m.weight > 0, f"dataset.mix[{k}] ({m.source}): weight must be positive, got {m.weight}")
     ds = run.deepspeed
     _check(ds.stage is None or ds.stage in (0, 1, 2, 3), f"deepspeed.stage must be 0, 1, 2, 3 or null, got {ds.stage}")
     _check(ds.offload_param == Offload.none or ds.stage == 3, "deepspeed.offload_param needs deepspeed.stage=3")

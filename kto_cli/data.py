@@ -4,13 +4,15 @@ Pure and testable without a model: the only outside object is a tokenizer.
 
 Row formats (files: .jsonl, .json, .parquet, .csv; or a `datasets` hub name):
     unpaired: {"prompt": P, "completion": C, "label": true|false}
-    paired:   {"prompt": P, "chosen": C, "rejected": C}
+    paired:   {"prompt": P, "chosen": C, "rejected": C}, or without "prompt": chosen and rejected
+              share it as their start (Anthropic HH; pair_prompt)
 where P is text or a list of {"role", "content"} messages, and C is text or a list holding the
 assistant's message(s).
 """
 import hashlib
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -192,9 +194,9 @@ def row_to_examples(row: Any, where: str, pair_id: int) -> list:
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected an object with fields, got {type(row).__name__}")
     if "chosen" in row or "rejected" in row:
-        prompt = _check_text(row.get("prompt"), "prompt", where, completion=False)
         chosen = _check_text(row.get("chosen"), "chosen", where, completion=True)
         rejected = _check_text(row.get("rejected"), "rejected", where, completion=True)
+        prompt, chosen, rejected = pair_prompt(row.get("prompt"), chosen, rejected, where)
         return [Example(prompt, chosen, True, pair_id, where, row), Example(prompt, rejected, False, pair_id, where, row)]
     prompt = _check_text(row.get("prompt"), "prompt", where, completion=False)
     completion = _check_text(row.get("completion"), "completion", where, completion=True)
@@ -206,15 +208,98 @@ def row_to_examples(row: Any, where: str, pair_id: int) -> list:
     return [Example(prompt, completion, label, None, where, row)]
 
 
-def load_examples(spec: str, split: str, skip_bad_rows: bool, max_rows: Optional[int] = None) -> tuple:
-    """Returns (examples, number of bad rows skipped). Paired rows give both of their examples."""
+HH_TURN = "\n\nAssistant:"  # Anthropic HH's plain-text turn marker
+
+
+def pair_prompt(prompt: Any, chosen: Text, rejected: Text, where: str) -> tuple:
+    """(prompt, chosen, rejected) of a paired row. Without a 'prompt' field (Anthropic HH, many hub
+    sets) the start chosen and rejected share is the prompt: whole messages for conversations,
+    for plain text up to the last HH turn marker (`\n\nAssistant:`) they share, else their last
+    shared whitespace. Conversations that repeat the prompt (UltraFeedback binarized) lose it."""
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        k = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        if k:
+            shared, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+            if prompt is not None and _check_text(prompt, "prompt", where, completion=False) not in \
+                    (shared, [{"role": "user", "content": shared[-1]["content"]}], shared[-1]["content"]):
+                raise UserError(f"{where}: field 'prompt' is not the start that chosen and rejected share")
+            prompt = shared
+    elif prompt is None and isinstance(chosen, str) and isinstance(rejected, str):
+        common = len(os.path.commonprefix([chosen, rejected]))
+        cut = chosen.rfind(HH_TURN, 0, common)
+        cut = cut + len(HH_TURN) if cut >= 0 else max(chosen.rfind(c, 0, common) for c in " \n\t") + 1
+        prompt, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
+        if not prompt.strip():
+            raise UserError(f"{where}: no field 'prompt', and chosen and rejected share no start to take as it")
+    if prompt is None:
+        raise UserError(f"{where}: field 'prompt' is missing, and chosen and rejected share no start to take as it")
+    for name, side in (("chosen", chosen), ("rejected", rejected)):
+        if not side or (isinstance(side, str) and not side.strip()):
+            raise UserError(f"{where}: field '{name}' is nothing beyond the start chosen and rejected share")
+    return _check_text(prompt, "prompt", where, completion=False), chosen, rejected
+
+
+def labelled_rows(spec: str, split: str, max_rows: Optional[int] = None, columns: Optional[dict] = None) -> tuple:
+    """(display name, [(where, row, columns)]): the rows of one source as read, each with the
+    column map its fields are read through ({kto-cli's field: the data's column})."""
     name, rows = read_rows(spec, split)
-    if max_rows is not None:
-        rows = rows[:max_rows]
+    return name, [(f"{name}: row {n}", row, columns or {}) for n, row in rows[:max_rows]]
+
+
+def training_rows(cfg: DatasetConfig) -> tuple:
+    """(display name, [(where, row)]) of dataset.train, or of dataset.mix: each source's rows in a
+    seeded order, n_i = p_i N of them with N as large as the sources allow without repeating a
+    row (and at most dataset.max_train_rows)."""
+    if not cfg.mix:
+        return labelled_rows(cfg.train, cfg.train_split, cfg.max_train_rows, column_map(cfg.columns))
+    seed = 0 if cfg.seed is None else cfg.seed
+    sources = [labelled_rows(m.source, m.split, None, column_map(m.columns or cfg.columns)) for m in cfg.mix]
+    shares = [m.weight / sum(m.weight for m in cfg.mix) for m in cfg.mix]
+    n = min(int(len(rows) / p + 1e-9) for (_, rows), p in zip(sources, shares))
+    n = min(n, cfg.max_train_rows) if cfg.max_train_rows is not None else n
+    mixed, taken = [], []
+    for k, ((name, rows), p) in enumerate(zip(sources, shares)):
+        order = list(range(len(rows)))
+        random.Random(f"{seed}:mix:{k}").shuffle(order)
+        take = min(len(rows), round(p * n))
+        mixed += [rows[i] for i in sorted(order[:take])]
+        taken.append(f"{take} of {len(rows)} rows of {name}")
+    if not mixed:
+        raise UserError(f"dataset.mix: no rows to train on ({'; '.join(taken)})")
+    log.info("dataset.mix: %s", "; ".join(taken))
+    return "dataset.mix", mixed
+
+
+def column_map(columns) -> dict:
+    """{kto-cli's field: the data's column} for the fields a Columns config renames."""
+    return {f: c for f, c in vars(columns).items() if c is not None and c != f}
+
+
+def mapped(row: Any, where: str, columns: dict) -> Any:
+    """The row with dataset.columns' columns under kto-cli's field names."""
+    if not columns or not isinstance(row, dict):
+        return row
+    missing = [c for c in columns.values() if c not in row]
+    if missing:
+        raise UserError(f"{where}: dataset.columns names column '{missing[0]}', which is not there "
+                        f"(columns: {', '.join(map(str, row))})")
+    return {**{k: v for k, v in row.items() if k not in columns}, **{f: row[c] for f, c in columns.items()}}
+
+
+def load_examples(spec: str, split: str, skip_bad_rows: bool, max_rows: Optional[int] = None,
+                  columns: Optional[dict] = None) -> tuple:
+    """(examples, number of bad rows skipped) of one source."""
+    return examples_from(labelled_rows(spec, split, max_rows, columns), skip_bad_rows)
+
+
+def examples_from(named_rows: tuple, skip_bad_rows: bool) -> tuple:
+    """(examples, number of bad rows skipped) from (display name, [(where, row, columns)]). Paired
+    rows give both of their examples."""
+    name, rows = named_rows
     examples, skipped = [], 0
-    for pair_id, (n, row) in enumerate(rows):
+    for pair_id, (where, row, columns) in enumerate(rows):
         try:
-            examples.extend(row_to_examples(row, f"{name}: row {n}", pair_id))
+            examples.extend(row_to_examples(mapped(row, where, columns), where, pair_id))
         except UserError:
             if not skip_bad_rows:
                 raise
@@ -420,10 +505,10 @@ def build_splits(cfg: DatasetConfig, tokenizer, use_chat_template: bool, kl_bloc
     pair (and is never subsampled), so held-out accuracy compares chosen with rejected.
     kl_block: the block size of dataset.kl_partners=rotate (TRL's per-device batch)."""
     seed = 0 if cfg.seed is None else cfg.seed  # a run fills it from its top-level seed
-    train, skipped = load_examples(cfg.train, cfg.train_split, cfg.skip_bad_rows, cfg.max_train_rows)
+    train, skipped = examples_from(training_rows(cfg), cfg.skip_bad_rows)
     evals = []
     if cfg.eval:
-        evals, skipped_eval = load_examples(cfg.eval, cfg.eval_split, cfg.skip_bad_rows, cfg.max_eval_rows)
+        evals, skipped_eval = load_examples(cfg.eval, cfg.eval_split, cfg.skip_bad_rows, cfg.max_eval_rows, column_map(cfg.columns))
         skipped += skipped_eval
     elif cfg.eval_fraction > 0:
         train, evals = hold_out(train, cfg.eval_fraction, seed)
@@ -460,10 +545,9 @@ def held_out_split(cfg: DatasetConfig, tokenizer, use_chat_template: bool, kl_bl
     data are made later (online rounds)."""
     seed = 0 if cfg.seed is None else cfg.seed
     if cfg.eval:
-        evals = load_examples(cfg.eval, cfg.eval_split, cfg.skip_bad_rows, cfg.max_eval_rows)[0]
+        evals = load_examples(cfg.eval, cfg.eval_split, cfg.skip_bad_rows, cfg.max_eval_rows, column_map(cfg.columns))[0]
     elif cfg.eval_fraction > 0:
-        evals = hold_out(load_examples(cfg.train, cfg.train_split, cfg.skip_bad_rows, cfg.max_train_rows)[0],
-                         cfg.eval_fraction, seed)[1]
+        evals = hold_out(examples_from(training_rows(cfg), cfg.skip_bad_rows)[0], cfg.eval_fraction, seed)[1]
     else:
         return None
     evals = pair_by_prompt(evals) if cfg.pair_by_prompt else evals
@@ -474,11 +558,11 @@ def load_prompts(cfg: DatasetConfig, tokenizer, use_chat_template: bool) -> Spli
     """The distinct prompts of the training rows, tokenized as training conditions on them, for the
     policy to answer (online rounds): any row with a 'prompt' serves (paired, unpaired or prompt
     only), and goes with it to the verifier. Held-out prompts (dataset.eval_fraction) are left out."""
-    name, rows = read_rows(cfg.train, cfg.train_split)
+    name, rows = training_rows(cfg)
     examples = []
-    for n, row in rows[:cfg.max_train_rows]:
-        where = f"{name}: row {n}"
+    for where, row, columns in rows:
         try:
+            row = mapped(row, where, columns)
             if not isinstance(row, dict):
                 raise UserError(f"{where}: expected an object with fields, got {type(row).__name__}")
             prompt = _check_text(row.get("prompt"), "prompt", where, completion=False)
@@ -491,7 +575,7 @@ def load_prompts(cfg: DatasetConfig, tokenizer, use_chat_template: bool) -> Spli
         raise UserError(f"{name}: no usable rows")
     seed = 0 if cfg.seed is None else cfg.seed
     if not cfg.eval and cfg.eval_fraction > 0:  # the prompts held_out_split holds out, chosen the same way
-        held = {prompt_key(e.prompt) for e in hold_out(
-            load_examples(cfg.train, cfg.train_split, cfg.skip_bad_rows, cfg.max_train_rows)[0], cfg.eval_fraction, seed)[1]}
+        trained = examples_from(training_rows(cfg), cfg.skip_bad_rows)[0]
+        held = {prompt_key(e.prompt) for e in hold_out(trained, cfg.eval_fraction, seed)[1]}
         examples = [e for e in examples if prompt_key(e.prompt) not in held]
     return tokenize([examples[i] for i in distinct_prompts(examples)], tokenizer, use_chat_template, cfg, seed)

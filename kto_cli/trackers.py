@@ -6,21 +6,16 @@ import json
 import os
 from pathlib import Path
 
+from .checkpoint import flat
 from .config import LoggerConfig, UserError
 from .files import atomic_write
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 
 
-def flat(d: dict, prefix: str = "") -> dict:
+def hyperparameters(config: dict) -> dict:
     """{"loss": {"beta": 0.1}} -> {"loss.beta": 0.1}; values a tracker cannot take become strings."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat(config).items()}
 
 
 def start(name: str, kind, run_dir: Path, cfg: LoggerConfig, config: dict, ids: dict):
@@ -106,7 +101,7 @@ class Trackers:
         try:
             for name, kind in kinds.items():
                 if getattr(cfg, name):
-                    self.trackers.append(start(name, kind, Path(run_dir), cfg, flat(config), ids))
+                    self.trackers.append(start(name, kind, Path(run_dir), cfg, hyperparameters(config), ids))
         except UserError:
             self.close()  # the ones that started
             raise

@@ -50,6 +50,7 @@ def test_default_run_is_smollm2_kto():
     ("trainer.batch_size=1.5", "trainer.batch_size"),
     ("trainer.precision=fp8", "trainer.precision"),
     ("model=nope", "model"),
+    ("dataset.columns.answer=text", "dataset.columns.answer"),
 ])
 def test_bad_overrides_fail_at_compose(override, words):
     with pytest.raises(ConfigCompositionException) as e:
@@ -68,6 +69,7 @@ def test_bad_overrides_fail_at_compose(override, words):
     (["trainer.eval_batch_size=0"], "trainer.eval_batch_size must be positive"),
     (["trainer.adam_beta2=1.0"], "trainer.adam_beta2 must be in [0, 1)"),
     (["trainer.save_every=-5"], "trainer.save_every must be 0 (off) or positive"),
+    (["dataset.mix=[{source: a.jsonl, weight: 0}]"], "dataset.mix[0] (a.jsonl): weight must be positive, got 0.0"),
     (["eval.max_prompts=0"], "eval.max_prompts must be positive or null"),
     (["reference.batch_size=0"], "reference.batch_size must be positive"),
 ])

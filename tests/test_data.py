@@ -240,3 +240,78 @@ def test_shipped_arith_files_share_no_question_and_the_script_remakes_them(tmp_p
     monkeypatch.setattr(script, "OUT", tmp_path)
     script.main()
     assert all((tmp_path / f"{n}.jsonl").read_bytes() == (assets / f"{n}.jsonl").read_bytes() for n in names)
+
+
+# ---------------------------------------------------------------- formats: implicit prompts, columns, mixes
+
+def test_implicit_prompt_pairs_take_the_start_chosen_and_rejected_share(tmp_path):
+    """Anthropic HH as plain text (split after the last shared `Assistant:`) and as messages, and
+    UltraFeedback binarized (a prompt that the conversations repeat)."""
+    hh = "\n\nHuman: What is 2+2?\n\nAssistant: Four.\n\nHuman: And 3+3?\n\nAssistant:"
+    user = [{"role": "user", "content": "What is 2+2?"}]
+    rows = [{"chosen": hh + " Six.", "rejected": hh + " Seven."},
+            {"chosen": user + [{"role": "assistant", "content": "4"}], "rejected": user + [{"role": "assistant", "content": "5"}]},
+            {"prompt": "What is 2+2?", "chosen": user + [{"role": "assistant", "content": "4"}],
+             "rejected": user + [{"role": "assistant", "content": "22"}], "score_chosen": 9.0, "score_rejected": 2.0}]
+    ex, _ = load_examples(str(write_jsonl(tmp_path / "d.jsonl", rows)), "train", skip_bad_rows=False)
+    assert [(e.prompt, e.completion, e.desirable) for e in ex] == [
+        (hh, " Six.", True), (hh, " Seven.", False),
+        (user, [{"role": "assistant", "content": "4"}], True), (user, [{"role": "assistant", "content": "5"}], False),
+        (user, [{"role": "assistant", "content": "4"}], True), (user, [{"role": "assistant", "content": "22"}], False)]
+    plain, _ = load_examples(str(write_jsonl(tmp_path / "p.jsonl", [{"chosen": "The sky is blue", "rejected": "The sky is green"}])),
+                             "train", skip_bad_rows=False)
+    assert [(e.prompt, e.completion) for e in plain] == [("The sky is ", "blue"), ("The sky is ", "green")]
+
+
+def test_pairs_without_a_usable_shared_start_are_bad_rows(tmp_path):
+    same = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert error_of(tmp_path, [{"chosen": "yes", "rejected": "no"}]) == \
+        f"{tmp_path / 'd.jsonl'}: row 1: no field 'prompt', and chosen and rejected share no start to take as it"
+    assert error_of(tmp_path, [{"chosen": same, "rejected": same}]).endswith(
+        "row 1: field 'chosen' is nothing beyond the start chosen and rejected share")
+    assert error_of(tmp_path, [{"prompt": "another question", "chosen": same, "rejected": same[:1] + [
+        {"role": "assistant", "content": "b"}]}]).endswith("row 1: field 'prompt' is not the start that chosen and rejected share")
+
+
+def test_kto_mix_style_unpaired_conversations_load(tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}], "label": True},
+            {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "b"}], "label": False}]
+    ex, _ = load_examples(str(write_jsonl(tmp_path / "d.jsonl", rows)), "train", skip_bad_rows=False)
+    assert [(e.completion[0]["content"], e.desirable) for e in ex] == [("a", True), ("b", False)]
+
+
+def test_columns_map_other_names_and_a_missing_one_is_one_line(tmp_path):
+    rows = [{"question": "q1", "answer": "a1", "good": True}, {"question": "q2", "answer": "a2", "good": False}]
+    path = str(write_jsonl(tmp_path / "d.jsonl", rows))
+    columns = {"prompt": "question", "completion": "answer", "label": "good"}
+    ex, _ = load_examples(path, "train", skip_bad_rows=False, columns=columns)
+    assert [(e.prompt, e.completion, e.desirable) for e in ex] == [("q1", "a1", True), ("q2", "a2", False)]
+    with pytest.raises(UserError, match=r"d.jsonl: row 1: dataset.columns names column 'text', which is not there "
+                                        r"\(columns: question, answer, good\)"):
+        load_examples(path, "train", skip_bad_rows=False, columns={**columns, "prompt": "text"})
+
+
+def test_a_mix_keeps_its_proportions_without_repeating_a_row_seeded(tmp_path):
+    from kto_cli.config import Columns, MixSource
+    from kto_cli.data import examples_from, training_rows
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "completion": "x", "label": True} for i in range(100)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "completion": "x", "label": False} for i in range(30)])
+
+    def mix(seed=0, max_rows=None, wa=0.7, wb=0.3):
+        cfg = DatasetConfig(train="unused", seed=seed, max_train_rows=max_rows,
+                            mix=[MixSource(source=str(a), weight=wa), MixSource(source=str(b), weight=wb)])
+        return [row["prompt"] for _, row, _ in training_rows(cfg)[1]]
+    rows = mix()  # b's 30 rows are 30%: 100 rows in all, 70 of a's 100
+    assert sum(r.startswith("a") for r in rows) == 70 and sum(r.startswith("b") for r in rows) == 30
+    assert len(set(rows)) == 100 and mix() == rows and mix(seed=1) != rows
+    assert len(mix(max_rows=50)) == 50 and sum(r.startswith("b") for r in mix(max_rows=50)) == 15
+    assert sum(r.startswith("a") for r in mix(wa=1, wb=1)) == 30  # 1:1 -> 30 + 30
+    q = write_jsonl(tmp_path / "q.jsonl", [{"question": f"q{i}", "answer": "x", "good": True} for i in range(10)])
+    cfg = DatasetConfig(train="unused", mix=[MixSource(source=str(a)), MixSource(source=str(q), columns=Columns(
+        prompt="question", completion="answer", label="good"))])  # each source its own column names
+    ex, _ = examples_from(training_rows(cfg), skip_bad_rows=False)
+    assert sorted({e.prompt[0] for e in ex}) == ["a", "q"] and len(ex) == 20
+    (tmp_path / "empty.jsonl").write_text("")
+    cfg = DatasetConfig(train="unused", mix=[MixSource(source=str(a)), MixSource(source=str(tmp_path / "empty.jsonl"))])
+    with pytest.raises(UserError, match=r"dataset.mix: no rows to train on \(0 of 100 rows of .*a.jsonl; 0 of 0 rows"):
+        training_rows(cfg)

@@ -69,9 +69,7 @@ def single(tmp_path_factory):
 
 @pytest.mark.parametrize("stage", ["zero0"])  # ZeRO-2: the lock-wait test; ZeRO-3: the resume test below
 def test_two_ranks_match_one_process(tmp_path, single, stage):
-    """(Started by the deepspeed launcher, which appends --local_rank=N to kto-train's arguments.)"""
-    launch(tmp_path, f"deepspeed={stage}", "trainer.max_steps=4", "trainer.micro_batch_size=2", launcher="deepspeed",
-           env=NAN_AT)
+    launch(tmp_path, f"deepspeed={stage}", "trainer.max_steps=4", "trainer.micro_batch_size=2", env=NAN_AT)
     check_two_ranks(tmp_path, single, stage)
 
 
@@ -90,10 +88,10 @@ def check_two_ranks(tmp_path, single, stage):
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2 * 8  # rank 0 alone, before and after
 
 
-@pytest.mark.parametrize("loss", ["sft", "ppo"])
+@pytest.mark.parametrize("loss", ["ppo"])  # sft: the SFT phase of the test below
 def test_token_normalised_losses_over_two_ranks_match_one_process(tmp_path, loss):
-    """sft divides by the tokens of both ranks' micro-batches (each rank's own count differs), ppo
-    whitens advantages over both and divides its token means likewise."""
+    """ppo whitens advantages over both ranks' micro-batches and divides its token means by both
+    ranks' token counts (sft's division, by the tokens of both, is the SFT phase's in the test below)."""
     expect, _ = one_process(tmp_path / "single", f"loss={loss}")
     launch(tmp_path / "two", "deepspeed=zero2", f"loss={loss}", "trainer.max_steps=4", "trainer.micro_batch_size=2")
     got = train_losses(tmp_path / "two")
@@ -124,7 +122,7 @@ def test_zero3_resume_and_consolidated_final(tmp_path, single):
     the same losses as the uninterrupted run; final/ holds the engine's weights (check_zero3_final)."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     args = ["deepspeed=zero3", "trainer.max_steps=4", "trainer.micro_batch_size=2", "trainer.save_every=2"]
-    launch(full, *args, env=NAN_AT)
+    launch(full, *args, launcher="deepspeed", env=NAN_AT)  # it appends --local_rank=N to the arguments
     check_two_ranks(full, single, "zero3")  # this stage's run of test_two_ranks_match_one_process
     cut.mkdir()
     shutil.copytree(full / "checkpoints" / "step_0000002", cut / "checkpoints" / "step_0000002")

@@ -85,6 +85,7 @@ def test_report_over_seeds_gives_each_setting_a_mean_and_interval(tmp_path):
 
 
 @pytest.mark.subprocess
+@run_under_slurm_by("test_a_slurm_launcher_sweep_shares_the_cache_and_its_interrupted_points_resume")
 def test_concurrent_points_compute_the_reference_once(tmp_path):
     """Two runs started together on an empty cache: one computes, the other waits on the cache
     lock and then reads every value."""
