@@ -26,7 +26,7 @@ FREE_TO_CHANGE = ("trainer.resume", "trainer.progress", "trainer.log_every", "tr
                   "trainer.micro_batch_size", "trainer.gradient_checkpointing", "trainer.shared_prompt",
                   "trainer.packing", "trainer.pack_length", "model.attn_implementation", "reference.", "eval.",
                   "deepspeed.timeout_s", "deepspeed.overlap_comm", "deepspeed.reduce_bucket_size",
-                  "verifier.timeout_s", "online.eval_each_round")
+                  "verifier.timeout_s", "online.eval_each_round", "logger.")
 
 
 def atomic_dir(dest: Path, write) -> Path:
@@ -124,6 +124,8 @@ def changes(saved: dict, now: dict) -> list:
     if "config" not in saved:  # an earlier version's checkpoint: its fingerprint of model, data and loss
         return [] if saved.get("fingerprint") == now["fingerprint"] else ["the model, data or loss config"]
     old, new = flat(saved["config"]), flat(now["config"])
+    for k in new.keys() - old.keys():  # a setting added since the checkpoint was written: it had its default
+        old[k] = schema_default(k, new[k])
     out = [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys())
            if old.get(k) != new.get(k) and not k.startswith(FREE_TO_CHANGE)]
     if saved.get("data") != now["data"]:
@@ -132,6 +134,33 @@ def changes(saved: dict, now: dict) -> list:
         if saved.get(key) != now[key]:
             out.append(f"{name} {saved.get(key)} -> {now[key]}")
     return out
+
+
+def schema_default(key: str, fallback):
+    """The default of a run setting ("model.lora.r" -> 0) as its dataclass declares it, as plain
+    config values (fallback when the schema has none there, e.g. inside a loss's own config)."""
+    import dataclasses
+    import typing
+
+    from omegaconf import OmegaConf
+
+    from .config import RunConfig
+    kind, parts = RunConfig, key.split(".")
+    for k, part in enumerate(parts):
+        found = {f.name: f for f in dataclasses.fields(kind)}.get(part) if dataclasses.is_dataclass(kind) else None
+        if found is None:
+            return fallback
+        hints = typing.get_type_hints(kind)
+        if k == len(parts) - 1:
+            if found.default is not dataclasses.MISSING:
+                value = found.default
+            elif found.default_factory is not dataclasses.MISSING:
+                value = found.default_factory()
+            else:
+                return fallback
+            return OmegaConf.to_container(OmegaConf.create({"v": value}), enum_to_str=True)["v"]
+        kind = hints[part]
+    return fallback
 
 
 def load_checkpoint(path: Path, backend, identity: dict, force: bool = False) -> int:

@@ -444,6 +444,8 @@ def check_numbers(run: RunConfig) -> None:
     _check(lora.r >= 0, f"model.lora.r must be 0 (off) or positive, got {lora.r}")
     _check(lora.alpha > 0, f"model.lora.alpha must be positive, got {lora.alpha}")
     _check(0 <= lora.dropout < 1, f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
+    _check(lora.merge or not lora.r or t.sft_steps == 0, "model.lora.merge=false leaves the SFT phase's final/ "
+           "without a model for the loss phase to start from: keep merge=true with trainer.sft_steps")
 
 
 def check_online(run: RunConfig) -> None:

@@ -138,14 +138,14 @@ def _read_table(path: str) -> list:
         df = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path, keep_default_na=False)
     except Exception as e:
         raise UserError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
-    return [(n, _table_row(_plain(row))) for n, row in enumerate(df.to_dict("records"), start=1)]
+    return [(n, _plain(row)) for n, row in enumerate(df.to_dict("records"), start=1)]
 
 
-def _table_row(row: dict) -> dict:
+def csv_label(row: Any, path: str) -> Any:
     """A CSV cell has no type: a label column with a blank cell is read as text ("true", "")."""
-    label = row.get("label")
+    label = row.get("label") if path.lower().endswith(".csv") and isinstance(row, dict) else None
     if isinstance(label, str):
-        row["label"] = {"true": True, "false": False, "": None}.get(label.strip().lower(), label)
+        row = {**row, "label": {"true": True, "false": False, "": None}.get(label.strip().lower(), label)}
     return row
 
 
@@ -213,30 +213,54 @@ HH_TURN = "\n\nAssistant:"  # Anthropic HH's plain-text turn marker
 
 def pair_prompt(prompt: Any, chosen: Text, rejected: Text, where: str) -> tuple:
     """(prompt, chosen, rejected) of a paired row. Without a 'prompt' field (Anthropic HH, many hub
-    sets) the start chosen and rejected share is the prompt: whole messages for conversations,
-    for plain text up to the last HH turn marker (`\n\nAssistant:`) they share, else their last
-    shared whitespace. Conversations that repeat the prompt (UltraFeedback binarized) lose it."""
+    sets) the start chosen and rejected share is the prompt: whole messages for conversations (the
+    shared ones ending on a user's turn, the rest the assistant's), for plain text up to the last
+    HH turn marker (`\n\nAssistant:`) they share, else their last shared whitespace. Conversations
+    that repeat the prompt (UltraFeedback binarized) lose it. Anything else is a bad row."""
+    if chosen == rejected:
+        raise UserError(f"{where}: fields 'chosen' and 'rejected' are the same")
     if isinstance(chosen, list) and isinstance(rejected, list):
-        k = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        k = next(i for i, (a, b) in enumerate(zip(chosen + [None], rejected + [None])) if a != b)
         if k:
             shared, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+            for name, side in (("chosen", chosen), ("rejected", rejected)):
+                if not side:
+                    raise UserError(f"{where}: field '{name}' is nothing beyond the start chosen and rejected share")
+            if shared[-1]["role"] == "assistant" or chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant":
+                raise UserError(f"{where}: chosen and rejected must differ from an assistant's turn on, "
+                                "after the turns they share")
             if prompt is not None and _check_text(prompt, "prompt", where, completion=False) not in \
                     (shared, [{"role": "user", "content": shared[-1]["content"]}], shared[-1]["content"]):
                 raise UserError(f"{where}: field 'prompt' is not the start that chosen and rejected share")
             prompt = shared
     elif prompt is None and isinstance(chosen, str) and isinstance(rejected, str):
-        common = len(os.path.commonprefix([chosen, rejected]))
-        cut = chosen.rfind(HH_TURN, 0, common)
-        cut = cut + len(HH_TURN) if cut >= 0 else max(chosen.rfind(c, 0, common) for c in " \n\t") + 1
-        prompt, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
-        if not prompt.strip():
-            raise UserError(f"{where}: no field 'prompt', and chosen and rejected share no start to take as it")
+        prompt, chosen, rejected = split_text_pair(chosen, rejected, where)
     if prompt is None:
         raise UserError(f"{where}: field 'prompt' is missing, and chosen and rejected share no start to take as it")
-    for name, side in (("chosen", chosen), ("rejected", rejected)):
-        if not side or (isinstance(side, str) and not side.strip()):
-            raise UserError(f"{where}: field '{name}' is nothing beyond the start chosen and rejected share")
     return _check_text(prompt, "prompt", where, completion=False), chosen, rejected
+
+
+def split_text_pair(chosen: str, rejected: str, where: str) -> tuple:
+    """(prompt, chosen, rejected) of two texts sharing a start: in HH's form, after the last
+    `\n\nAssistant:` they share, the two answers holding no further turn; else after their last
+    shared whitespace."""
+    common = len(os.path.commonprefix([chosen, rejected]))
+    cut = chosen.rfind(HH_TURN, 0, common)
+    if cut >= 0:
+        cut += len(HH_TURN)
+        if any(HH_TURN.replace("Assistant", "Human") in side[cut:] for side in (chosen, rejected)):
+            raise UserError(f"{where}: chosen and rejected differ before their last turn (HH's "
+                            "'\n\nHuman:' after the 'Assistant:' they share)")
+    elif HH_TURN in chosen or HH_TURN in rejected:
+        raise UserError(f"{where}: chosen and rejected differ before an 'Assistant:' turn they share")
+    else:
+        cut = max(chosen.rfind(c, 0, common) for c in " \n\t") + 1
+    if not chosen[:cut].strip():
+        raise UserError(f"{where}: no field 'prompt', and chosen and rejected share no start to take as it")
+    for name, side in (("chosen", chosen), ("rejected", rejected)):
+        if not side[cut:].strip():
+            raise UserError(f"{where}: field '{name}' is nothing beyond the start chosen and rejected share")
+    return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
 def labelled_rows(spec: str, split: str, max_rows: Optional[int] = None, columns: Optional[dict] = None) -> tuple:
@@ -257,11 +281,11 @@ def training_rows(cfg: DatasetConfig) -> tuple:
     shares = [m.weight / sum(m.weight for m in cfg.mix) for m in cfg.mix]
     n = min(int(len(rows) / p + 1e-9) for (_, rows), p in zip(sources, shares))
     n = min(n, cfg.max_train_rows) if cfg.max_train_rows is not None else n
+    counts = apportion(n, shares, [len(rows) for _, rows in sources])
     mixed, taken = [], []
-    for k, ((name, rows), p) in enumerate(zip(sources, shares)):
+    for k, ((name, rows), take) in enumerate(zip(sources, counts)):
         order = list(range(len(rows)))
         random.Random(f"{seed}:mix:{k}").shuffle(order)
-        take = min(len(rows), round(p * n))
         mixed += [rows[i] for i in sorted(order[:take])]
         taken.append(f"{take} of {len(rows)} rows of {name}")
     if not mixed:
@@ -270,20 +294,31 @@ def training_rows(cfg: DatasetConfig) -> tuple:
     return "dataset.mix", mixed
 
 
+def apportion(n: int, shares: list, sizes: list) -> list:
+    """n split by shares into whole counts summing to n (largest remainders), none above its size."""
+    counts = [min(size, int(n * p)) for p, size in zip(shares, sizes)]
+    for k in sorted(range(len(shares)), key=lambda k: n * shares[k] - int(n * shares[k]), reverse=True):
+        if sum(counts) < n and counts[k] < sizes[k]:
+            counts[k] += 1
+    return counts
+
+
 def column_map(columns) -> dict:
     """{kto-cli's field: the data's column} for the fields a Columns config renames."""
     return {f: c for f, c in vars(columns).items() if c is not None and c != f}
 
 
 def mapped(row: Any, where: str, columns: dict) -> Any:
-    """The row with dataset.columns' columns under kto-cli's field names."""
+    """The row with dataset.columns' columns under kto-cli's field names (a CSV's label read as a
+    truth value once it is under its name)."""
     if not columns or not isinstance(row, dict):
-        return row
+        return csv_label(row, where.split(": row ")[0])
     missing = [c for c in columns.values() if c not in row]
     if missing:
         raise UserError(f"{where}: dataset.columns names column '{missing[0]}', which is not there "
                         f"(columns: {', '.join(map(str, row))})")
-    return {**{k: v for k, v in row.items() if k not in columns}, **{f: row[c] for f, c in columns.items()}}
+    row = {**{k: v for k, v in row.items() if k not in columns}, **{f: row[c] for f, c in columns.items()}}
+    return csv_label(row, where.split(": row ")[0])
 
 
 def load_examples(spec: str, split: str, skip_bad_rows: bool, max_rows: Optional[int] = None,
@@ -565,7 +600,9 @@ def load_prompts(cfg: DatasetConfig, tokenizer, use_chat_template: bool) -> Spli
             row = mapped(row, where, columns)
             if not isinstance(row, dict):
                 raise UserError(f"{where}: expected an object with fields, got {type(row).__name__}")
-            prompt = _check_text(row.get("prompt"), "prompt", where, completion=False)
+            paired = "chosen" in row or "rejected" in row  # its prompt as training takes it (maybe implicit)
+            prompt = row_to_examples(row, where, 0)[0].prompt if paired else \
+                _check_text(row.get("prompt"), "prompt", where, completion=False)
         except UserError:
             if not cfg.skip_bad_rows:
                 raise

@@ -189,7 +189,16 @@ def add_lora(model, cfg: LoraConfig) -> None:
     if unknown:
         raise UserError(f"model.lora.target_modules: {', '.join(unknown)} is not a linear layer of this model; "
                         f"its linear layers: {', '.join(linear)}")
+    if "lm_head" in (cfg.target_modules or []) and getattr(model.config, "tie_word_embeddings", False):
+        raise UserError("model.lora.target_modules: lm_head shares its weights with the input embeddings in this "
+                        "model; its merged update could not be saved apart from them")
     inject_adapter_in_model(peft_config(cfg), model)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    other = sorted({type(m.get_base_layer()).__name__ for m in model.modules() if isinstance(m, BaseTunerLayer)
+                    and not isinstance(m.get_base_layer(), torch.nn.Linear)})
+    if other:  # GPT-2's Conv1D holds its weight transposed: merging (merge_lora) assumes nn.Linear
+        raise UserError(f"model.lora: this model's layers of type {', '.join(other)} are not supported; "
+                        "name nn.Linear layers in model.lora.target_modules")
     for name, p in model.named_parameters():
         p.requires_grad = ".lora_" in name
 

@@ -3,12 +3,15 @@ and Weights & Biases, each through its library's own API, on rank 0. They get me
 metric names and steps, and the resolved config as hyperparameters; a resumed run continues the
 same MLflow / W&B run (its id is kept in RUN/trackers.json)."""
 import json
+import logging
 import os
 from pathlib import Path
 
 from .checkpoint import flat
 from .config import LoggerConfig, UserError
 from .files import atomic_write
+
+log = logging.getLogger("kto_cli")
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 
@@ -109,9 +112,16 @@ class Trackers:
             atomic_write(path, lambda tmp: tmp.write_text(json.dumps(ids)))
 
     def log(self, step: int, split: str, metrics: dict) -> None:
+        """To every tracker; one that fails (a server gone) is a warning and is dropped: training
+        goes on, and metrics.jsonl has every value."""
         values = {f"{split}/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        for t in self.trackers:
-            t.log(step, values)
+        for t in list(self.trackers):
+            try:
+                t.log(step, values)
+            except Exception as e:
+                log.warning("logger: %s failed at step %d (%s); logging to it stops, metrics.jsonl goes on",
+                            type(t).__name__, step, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                self.trackers.remove(t)
 
     def close(self) -> None:
         for t in self.trackers:

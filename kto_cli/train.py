@@ -110,7 +110,7 @@ class Trainer:
         self.load_inputs()
         self.gen_eval = self.generation_eval()
         self.check_resume()
-        self.tracked = self.trackers() if dist.is_main() else None
+        self.tracked = self.start_trackers()
         self.model = self.load_model()
         if len(self.tokenizer) > self.model.get_input_embeddings().weight.shape[0]:  # control tokens
             self.model.resize_token_embeddings(len(self.tokenizer))
@@ -535,9 +535,9 @@ class Trainer:
         last, first_step_at = {}, time.perf_counter()
         with tqdm(total=self.steps, initial=start_step, desc=self.cfg.loss.name, unit="step",
                   disable=not self.show_progress) as bar, Preemption() as preemption:
-            if self.eval_pending is not None:  # the evaluation a signal stopped, before anything else of this step
+            self.ready(start_step, preemption)  # (an online round's data and reference values)
+            if self.eval_pending is not None:  # the evaluation a signal stopped, before this run's first step
                 self.log_metrics(start_step, "eval", self.evaluate(start_step))
-            self.ready(start_step, preemption)
             before = self.evaluate_before(start_step)
             preemption.check(self.run_dir, "after the evaluation before training")
             for step in range(start_step, self.steps):
@@ -552,10 +552,19 @@ class Trainer:
                 self.after_step(step + 1, last, preemption)
         return self.finish(before, last, time.perf_counter() - first_step_at, started, sft_phase)
 
-    def trackers(self) -> Trackers:
-        """logger=...: the trackers beside metrics.jsonl, given the resolved config."""
-        config = OmegaConf.to_container(OmegaConf.structured(self.cfg), enum_to_str=True)
-        return Trackers(self.run_dir, self.cfg.logger, config)
+    def start_trackers(self) -> Optional[Trackers]:
+        """logger=...: the trackers beside metrics.jsonl (rank 0's), given the resolved config; one
+        that cannot start stops every rank with rank 0's line."""
+        tracked, error = None, None
+        if dist.is_main():
+            try:
+                tracked = Trackers(self.run_dir, self.cfg.logger,
+                                   OmegaConf.to_container(OmegaConf.structured(self.cfg), enum_to_str=True))
+            except UserError as e:
+                error = e
+        if dist.all_max(int(error is not None)):
+            raise error or UserError("logger: a tracker could not start on rank 0 (its line is in rank 0's log)")
+        return tracked
 
     def ready(self, step: int, preemption: Preemption) -> bool:
         """Before a step: whether it trains (online rounds make their data here; on a signal while

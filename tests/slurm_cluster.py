@@ -23,13 +23,13 @@ from typing import Optional
 from conftest import free_port
 
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol")
-DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 # cred_expire: a requeued job waits this long (+1 s) before it may start again (Slurm's default, 120 s,
 # would be most of a test's time; below 5 Slurm falls back to it).
 CONF = """\
 ClusterName=kto
-SlurmctldHost={host}
+SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
@@ -50,7 +50,7 @@ JobRequeue=1
 ReturnToService=2
 MpiDefault=none
 SchedulerParameters=sched_interval=1
-NodeName={host} CPUs={cpus} State=UNKNOWN
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -147,8 +147,16 @@ class Cluster:
         return fields
 
     def stop(self) -> None:
-        """Cancel what is left, stop the daemons, remove the directory."""
-        subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True, timeout=60)
+        """Cancel what is left (waiting a few seconds for its processes), stop the daemons, remove
+        the directory; whatever fails on the way, the rest is still done."""
+        try:
+            subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True, timeout=30)
+            deadline = time.time() + 10
+            while time.time() < deadline and subprocess.run(["squeue", "-h"], env=self.env, capture_output=True,
+                                                             text=True, timeout=30).stdout.strip():
+                time.sleep(0.5)
+        except (OSError, subprocess.SubprocessError):
+            pass
         pids = []
         for pid_file in ("slurmd.pid", "slurmctld.pid", "munged.pid"):
             try:
@@ -161,7 +169,10 @@ class Cluster:
             pids = [p for p in pids if alive(p)]
             time.sleep(0.1)
         for p in pids:
-            os.kill(p, signal.SIGKILL)
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
         shutil.rmtree(self.base, ignore_errors=True)
 
 

@@ -267,8 +267,18 @@ def test_pairs_without_a_usable_shared_start_are_bad_rows(tmp_path):
     same = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     assert error_of(tmp_path, [{"chosen": "yes", "rejected": "no"}]) == \
         f"{tmp_path / 'd.jsonl'}: row 1: no field 'prompt', and chosen and rejected share no start to take as it"
-    assert error_of(tmp_path, [{"chosen": same, "rejected": same}]).endswith(
-        "row 1: field 'chosen' is nothing beyond the start chosen and rejected share")
+    assert error_of(tmp_path, [{"chosen": same, "rejected": same}]).endswith("row 1: fields 'chosen' and 'rejected' are the same")
+    assert error_of(tmp_path, [{"chosen": same + [{"role": "user", "content": "more"}], "rejected": same}]).endswith(
+        "row 1: field 'rejected' is nothing beyond the start chosen and rejected share")
+    assert error_of(tmp_path, [{"chosen": same + [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a"}],
+                                "rejected": same + [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a"}]}]
+                    ).endswith("row 1: chosen and rejected must differ from an assistant's turn on, after the turns they share")
+    hh = "\n\nHuman: Hi {}\n\nAssistant: A"
+    assert error_of(tmp_path, [{"chosen": hh.format("there"), "rejected": hh.format("you")}]).endswith(
+        "row 1: chosen and rejected differ before an 'Assistant:' turn they share")
+    turn = "\n\nHuman: q\n\nAssistant: a"
+    assert error_of(tmp_path, [{"chosen": turn + "\n\nHuman: b\n\nAssistant: c", "rejected": turn + " d"}]).endswith(
+        "row 1: chosen and rejected differ before their last turn (HH's '\n\nHuman:' after the 'Assistant:' they share)")
     assert error_of(tmp_path, [{"prompt": "another question", "chosen": same, "rejected": same[:1] + [
         {"role": "assistant", "content": "b"}]}]).endswith("row 1: field 'prompt' is not the start that chosen and rejected share")
 
@@ -306,6 +316,8 @@ def test_a_mix_keeps_its_proportions_without_repeating_a_row_seeded(tmp_path):
     assert len(set(rows)) == 100 and mix() == rows and mix(seed=1) != rows
     assert len(mix(max_rows=50)) == 50 and sum(r.startswith("b") for r in mix(max_rows=50)) == 15
     assert sum(r.startswith("a") for r in mix(wa=1, wb=1)) == 30  # 1:1 -> 30 + 30
+    assert len(mix(wa=1, wb=1, max_rows=3)) == 3 and len(mix(wa=1, wb=1, max_rows=1)) == 1  # whole rows, the cap kept
+    assert len(mix(max_rows=5)) == 5
     q = write_jsonl(tmp_path / "q.jsonl", [{"question": f"q{i}", "answer": "x", "good": True} for i in range(10)])
     cfg = DatasetConfig(train="unused", mix=[MixSource(source=str(a)), MixSource(source=str(q), columns=Columns(
         prompt="question", completion="answer", label="good"))])  # each source its own column names
@@ -315,3 +327,20 @@ def test_a_mix_keeps_its_proportions_without_repeating_a_row_seeded(tmp_path):
     cfg = DatasetConfig(train="unused", mix=[MixSource(source=str(a)), MixSource(source=str(tmp_path / "empty.jsonl"))])
     with pytest.raises(UserError, match=r"dataset.mix: no rows to train on \(0 of 100 rows of .*a.jsonl; 0 of 0 rows"):
         training_rows(cfg)
+
+
+def test_a_renamed_csv_label_column_is_read_as_truth_values(tmp_path):
+    (tmp_path / "d.csv").write_text("q,a,good\np1,c1,true\np2,c2,\np3,c3,FALSE\n")
+    columns = {"prompt": "q", "completion": "a", "label": "good"}
+    with pytest.raises(UserError, match=r"d.csv: row 2: field 'label' is missing"):
+        load_examples(str(tmp_path / "d.csv"), "train", skip_bad_rows=False, columns=columns)
+    ex, skipped = load_examples(str(tmp_path / "d.csv"), "train", skip_bad_rows=True, columns=columns)
+    assert [e.desirable for e in ex] == [True, False] and skipped == 1
+
+
+def test_online_prompts_of_implicit_prompt_pairs_are_their_shared_start(tmp_path, tiny_tok):
+    from kto_cli.data import load_prompts
+    hh = "\n\nHuman: What is {}+1?\n\nAssistant:"
+    rows = [{"chosen": hh.format(i) + " right", "rejected": hh.format(i) + " wrong"} for i in range(3)]
+    split = load_prompts(DatasetConfig(train=str(write_jsonl(tmp_path / "hh.jsonl", rows))), tiny_tok, False)
+    assert sorted(e.prompt for e in split.examples) == [hh.format(i) for i in range(3)]

@@ -107,3 +107,16 @@ def test_merge_false_leaves_the_adapter_alone_in_final(tmp_path, tiny_tok):
     names = {p.name for p in (tmp_path / "final").iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= names
     assert "model.safetensors" not in names and "adapter" not in names
+
+
+def test_layers_a_merge_cannot_handle_are_refused(tiny_tok):
+    """GPT-2's Conv1D (its weight transposed) and an output head tied to the input embeddings."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(UserError, match=r"model.lora: this model's layers of type Conv1D are not supported"):
+        add_lora(gpt2, LoraConfig(r=2))
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tied = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        vocab_size=64, tie_word_embeddings=True))
+    with pytest.raises(UserError, match=r"lm_head shares its weights with the input embeddings"):
+        add_lora(tied, LoraConfig(r=2, target_modules=["lm_head"]))
