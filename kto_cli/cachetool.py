@@ -3,7 +3,7 @@
     kto-cache du                        # size of the reference values by model key, and converted models
     kto-cache verify                    # checksum every reference shard; damaged ones are set aside
     kto-cache prune                     # remove temp files of dead writes and set-aside damaged shards
-    kto-cache prune --older-than 30     # ... and the reference values of models no run used for 30 days
+    kto-cache prune --older-than 30     # ... and the reference values of models (and tokenised data) no run used for 30 days
     kto-cache du --dir /shared/kto-cache/reference   # another cache (default: $KTO_CLI_CACHE or ~/.cache/kto-cli)
 """
 import argparse
@@ -50,6 +50,10 @@ def du(where: Path) -> list:
         lines.append(f"{key + '/' + d.name:<34}{len(shards):>8}{size(d) / 2**20:>10.1f}  {used}")
     temp, damaged = list(root.rglob("*.tmp-*")), list(root.rglob("*.corrupt-*"))
     lines.append(f"temp files: {len(temp)}, set-aside damaged shards: {len(damaged)} (kto-cache prune removes them)")
+    data = list((where / "data").glob("*.arrow")) + list((where / "data").glob("*.npy"))
+    if data:
+        lines.append(f"tokenised data: {sum(f.suffix == '.arrow' for f in data)} source(s), "
+                     f"{sum(f.suffix == '.npy' for f in data)} KL-partner file(s), {sum(map(size, data)) / 2**20:.1f} MiB")
     models = where / "models"
     if models.is_dir():
         for m in sorted(p for p in models.iterdir() if p.is_dir()):
@@ -82,13 +86,17 @@ def busy(folder: Path) -> bool:
 
 def prune(where: Path, older_than_days=None, dry_run: bool = False) -> list:
     root, now, gone = reference_root(where), time.time(), []
-    for f in list(root.rglob("*.tmp-*")) + list(root.rglob("*.corrupt-*")):
+    data = where / "data"
+    for f in list(root.rglob("*.tmp-*")) + list(root.rglob("*.corrupt-*")) + list(data.glob("*.tmp-*")):
         if ".corrupt-" in f.name or now - f.stat().st_mtime > STALE_TEMP_S:
             gone.append(f)
     if older_than_days is not None:
         for _, d in key_dirs(root):
             if now - last_used(d) > older_than_days * 86400 and not busy(d):
                 gone.append(d)
+        # a run touches the tokenised files it maps (tables.open_table)
+        gone += [f for f in list(data.glob("*.arrow")) + list(data.glob("*.npy"))
+                 if now - f.stat().st_mtime > older_than_days * 86400]
     freed = sum(size(p) for p in gone)
     for p in gone if not dry_run else []:
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)

@@ -142,6 +142,10 @@ class DatasetConfig:
     # rows drawn in a seeded order, as many as keep the proportions without repeating a row:
     # dataset.mix='[{source: a.jsonl, weight: 0.7}, {source: b.jsonl, weight: 0.3}]'
     mix: List[MixSource] = field(default_factory=list)
+    # Keep each source tokenised on disk by content (its bytes, columns, tokenizer, template), so a
+    # later run maps it instead of reading and tokenising again (kto_cli/tables.py).
+    cache: bool = True
+    cache_dir: Optional[str] = None  # default: $KTO_CLI_CACHE/data or ~/.cache/kto-cli/data
 
 
 @dataclass

@@ -19,8 +19,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 
+from . import tables
 from .config import DatasetConfig, KLPartners, UnpairMode, UserError
 
 log = logging.getLogger("kto_cli")
@@ -38,44 +40,119 @@ class Example:
     row: Optional[dict] = None  # the row as read: what a verifier compares a generated answer with
 
 
-@dataclass
 class Split:
-    """The tokenized examples of one split, with each example's KL partner."""
-    examples: list
-    prompt_ids: list  # list[list[int]]
-    completion_ids: list  # list[list[int]]
-    kl_partner: list  # list[int]: example i's KL sequence is (prompt i, completion kl_partner[i])
-    max_length: int
-    max_prompt_length: int
-    prompt_head: list  # list[int]: tokens of each prompt that truncation keeps (BOS, template header)
+    """The examples of one split, drawn from Tables (kto_cli/tables.py): example i is example at[i]
+    of table src[i]. Per-example fields are arrays (a few numbers each); token ids stay in the
+    tables, so a split of a million rows costs megabytes, not gigabytes. pair[i]: example i's pair
+    (-1 for none); kl_partner[i]: example i's KL sequence is (prompt i, completion kl_partner[i])."""
+
+    def __init__(self, tables: list, src, at, pair, max_length: int, max_prompt_length: int, kl_partner=None):
+        self.tables, self.max_length, self.max_prompt_length = tables, max_length, max_prompt_length
+        self.src, self.at, self.pair = np.asarray(src, np.int64), np.asarray(at, np.int64), np.asarray(pair, np.int64)
+        self.labels = self._gather("desirable")  # (N,) bool
+        self.prompt = self._gather("prompt")  # (N,) int64 prompt keys
+        self.head = self._gather("head")  # (N,) tokens of each prompt that truncation keeps
+        self.prompt_len, self.completion_len = self._gather("prompt_len"), self._gather("completion_len")
+        self.kl_partner = np.arange(len(self.at)) if kl_partner is None else np.asarray(kl_partner, np.int64)
+        self.extra = np.full(len(self.at), -1, np.int64)  # a token ending the prompt (control tokens); -1: none
+
+    def _gather(self, field: str) -> np.ndarray:
+        if len(self.tables) == 1:
+            return getattr(self.tables[0], field)[self.at]
+        out = np.zeros(len(self.at), getattr(self.tables[0], field).dtype)
+        for k, t in enumerate(self.tables):
+            mine = self.src == k
+            out[mine] = getattr(t, field)[self.at[mine]]
+        return out
 
     def __len__(self):
-        return len(self.examples)
+        return len(self.at)
+
+    def take(self, keep) -> "Split":
+        """The examples where keep (a bool mask or indices), in order; KL partners are drawn later."""
+        return Split(self.tables, self.src[keep], self.at[keep], self.pair[keep], self.max_length, self.max_prompt_length)
+
+    def prompt_ids(self, i: int) -> list:
+        ids = self.tables[self.src[i]].prompt_ids(int(self.at[i]))
+        return ids + [int(self.extra[i])] if self.extra[i] >= 0 else ids
+
+    def completion_ids(self, i: int) -> list:
+        return self.tables[self.src[i]].completion_ids(int(self.at[i]))
 
     def sequence(self, i: int) -> tuple:
-        return truncate(self.prompt_ids[i], self.completion_ids[i], self.max_length, self.max_prompt_length,
-                        self.prompt_head[i])
+        return truncate(self.prompt_ids(i), self.completion_ids(i), self.max_length, self.max_prompt_length,
+                        int(self.head[i]))
 
     def kl_sequence(self, i: int) -> tuple:
-        j = self.kl_partner[i]
-        return truncate(self.prompt_ids[i], self.completion_ids[j], self.max_length, self.max_prompt_length,
-                        self.prompt_head[i])
+        return truncate(self.prompt_ids(i), self.completion_ids(int(self.kl_partner[i])), self.max_length,
+                        self.max_prompt_length, int(self.head[i]))
+
+    def lengths(self) -> np.ndarray:
+        """(N,) tokens of each example's sequence as truncated."""
+        prompt = np.minimum(self.prompt_len + (self.extra >= 0), self.max_prompt_length)
+        return prompt + np.clip(self.max_length - prompt, 0, self.completion_len)
 
     def desirable(self, idx) -> torch.Tensor:
-        return torch.tensor([self.examples[i].desirable for i in idx], dtype=torch.bool)
+        return torch.from_numpy(self.labels[np.asarray(idx, np.int64)].copy())
 
-    def pairs(self) -> list:
-        """(chosen index, rejected index) for every pair with both sides present."""
-        sides = {}
-        for i, e in enumerate(self.examples):
-            if e.pair_id is not None:
-                sides.setdefault(e.pair_id, {})[e.desirable] = i
-        return [(s[True], s[False]) for s in sides.values() if len(s) == 2]
+    def example(self, i: int) -> Example:
+        """Example i with its texts and row (read from its source on first use)."""
+        e = self.tables[self.src[i]].example(int(self.at[i]))
+        return replace(e, pair_id=None if self.pair[i] < 0 else int(self.pair[i]))
+
+    @property
+    def examples(self) -> "ExampleView":
+        return ExampleView(self)
+
+    def distinct_prompts(self) -> list:
+        """The index of each distinct prompt's first example, in order."""
+        return sorted(np.unique(self.prompt, return_index=True)[1].tolist())
+
+    def pairs(self) -> np.ndarray:
+        """(P, 2) chosen and rejected index of every pair with both sides present, in the order of
+        each pair's first example."""
+        idx = np.flatnonzero(self.pair >= 0)
+        groups, g = np.unique(self.pair[idx], return_inverse=True)
+        chosen, rejected, first = (np.full(len(groups), -1) for _ in range(3))
+        good = self.labels[idx]
+        chosen[g[good]], rejected[g[~good]] = idx[good], idx[~good]
+        first[:] = len(self)
+        np.minimum.at(first, g, idx)
+        both = (chosen >= 0) & (rejected >= 0)
+        order = np.argsort(first[both], kind="stable")
+        return np.stack([chosen[both][order], rejected[both][order]], axis=1).reshape(-1, 2)
 
     def add_control_tokens(self, good_id: int, bad_id: Optional[int]) -> None:
         """Ends each prompt with good_id (desirable) or bad_id (undesirable); bad_id None: good_id for all."""
-        for i, e in enumerate(self.examples):
-            self.prompt_ids[i] = self.prompt_ids[i] + [good_id if e.desirable or bad_id is None else bad_id]
+        self.extra = np.where(self.labels | (bad_id is None), good_id, -1 if bad_id is None else bad_id)
+
+    def digest(self) -> str:
+        """A hash of what the split trains on: which tokenised examples (the tables' content keys),
+        their labels, KL partners and control tokens."""
+        h = hashlib.sha256(json.dumps([t.key for t in self.tables] + [self.max_length, self.max_prompt_length]).encode())
+        for a in (self.src, self.at, self.labels, self.kl_partner, self.extra):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return DIGEST_FORM + h.hexdigest()[:16]
+
+
+DIGEST_FORM = "t1-"  # Split.digest's form: a checkpoint's digest of another form was made by an earlier version
+
+
+class ExampleView:
+    """split.examples: the split's Examples, each made when it is read (small splits: held-out
+    prompts, online rounds)."""
+
+    def __init__(self, split: Split):
+        self.split = split
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.split.example(i)
+
+    def __iter__(self):
+        return (self.split.example(i) for i in range(len(self.split)))
 
 
 # ---------------------------------------------------------------- reading
@@ -93,17 +170,11 @@ FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 def read_rows(spec: str, split: str) -> tuple:
     """Returns (display name, list of (row number, row dict))."""
     path = resolve_source(spec)
-    suffix = Path(path).suffix.lower()
-    if suffix in FILE_SUFFIXES or Path(path).exists():
-        if Path(path).is_dir():
-            raise UserError(f"{path}: a directory, not a data file (give a .jsonl, .json, .parquet or .csv file)")
-        if not Path(path).is_file():
-            raise UserError(f"{path}: no such data file")
-        reader = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_table, ".csv": _read_table}.get(suffix)
-        if reader is None:
-            raise UserError(f"{path}: unknown data file type '{suffix}' (use .jsonl, .json, .parquet or .csv)")
-        return path, reader(path)
-    return f"{spec}[{split}]", _read_hub(spec, split)
+    if tables.local_file(path):
+        reader = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_table, ".csv": _read_table}
+        return path, reader[Path(path).suffix.lower()](path)
+    source = tables.hub_source(spec, split)
+    return source["name"], list(source["read"]()[1])
 
 
 def _read_jsonl(path: str) -> list:
@@ -138,7 +209,7 @@ def _read_table(path: str) -> list:
         df = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path, keep_default_na=False)
     except Exception as e:
         raise UserError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
-    return [(n, _plain(row)) for n, row in enumerate(df.to_dict("records"), start=1)]
+    return [(n, tables.plain_row(_plain(row))) for n, row in enumerate(df.to_dict("records"), start=1)]
 
 
 def csv_label(row: Any, path: str) -> Any:
@@ -158,16 +229,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
-
-
-def _read_hub(name: str, split: str) -> list:
-    import datasets
-    try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as e:
-        raise UserError(f"could not load dataset '{name}' split '{split}': {str(e).splitlines()[0]} "
-                        f"(no file of that name exists either; this machine may be offline)") from None
-    return list(enumerate(ds, start=1))
 
 
 # ---------------------------------------------------------------- validating
@@ -271,27 +332,33 @@ def labelled_rows(spec: str, split: str, max_rows: Optional[int] = None, columns
 
 
 def training_rows(cfg: DatasetConfig) -> tuple:
-    """(display name, [(where, row)]) of dataset.train, or of dataset.mix: each source's rows in a
-    seeded order, n_i = p_i N of them with N as large as the sources allow without repeating a
-    row (and at most dataset.max_train_rows)."""
+    """(display name, [(where, row, columns)]) of dataset.train, or of dataset.mix (mix_positions)."""
     if not cfg.mix:
         return labelled_rows(cfg.train, cfg.train_split, cfg.max_train_rows, column_map(cfg.columns))
-    seed = 0 if cfg.seed is None else cfg.seed
     sources = [labelled_rows(m.source, m.split, None, column_map(m.columns or cfg.columns)) for m in cfg.mix]
+    picked = mix_positions(cfg, [(name, len(rows)) for name, rows in sources])
+    return "dataset.mix", [rows[i] for (_, rows), take in zip(sources, picked) for i in take]
+
+
+def mix_positions(cfg: DatasetConfig, sources: list) -> list:
+    """The row positions dataset.mix takes of each (name, number of rows) source: each source's
+    rows in a seeded order, n_i = p_i N of them with N as large as the sources allow without
+    repeating a row (and at most dataset.max_train_rows); each list sorted."""
+    seed = 0 if cfg.seed is None else cfg.seed
     shares = [m.weight / sum(m.weight for m in cfg.mix) for m in cfg.mix]
-    n = min(int(len(rows) / p + 1e-9) for (_, rows), p in zip(sources, shares))
+    n = min(int(size / p + 1e-9) for (_, size), p in zip(sources, shares))
     n = min(n, cfg.max_train_rows) if cfg.max_train_rows is not None else n
-    counts = apportion(n, shares, [len(rows) for _, rows in sources])
-    mixed, taken = [], []
-    for k, ((name, rows), take) in enumerate(zip(sources, counts)):
-        order = list(range(len(rows)))
+    counts = apportion(n, shares, [size for _, size in sources])
+    picked, taken = [], []
+    for k, ((name, size), take) in enumerate(zip(sources, counts)):
+        order = list(range(size))
         random.Random(f"{seed}:mix:{k}").shuffle(order)
-        mixed += [rows[i] for i in sorted(order[:take])]
-        taken.append(f"{take} of {len(rows)} rows of {name}")
-    if not mixed:
+        picked.append(sorted(order[:take]))
+        taken.append(f"{take} of {size} rows of {name}")
+    if not any(picked):
         raise UserError(f"dataset.mix: no rows to train on ({'; '.join(taken)})")
     log.info("dataset.mix: %s", "; ".join(taken))
-    return "dataset.mix", mixed
+    return picked
 
 
 def apportion(n: int, shares: list, sizes: list) -> list:
@@ -344,42 +411,48 @@ def examples_from(named_rows: tuple, skip_bad_rows: bool) -> tuple:
     return examples, skipped
 
 
-def unpair_one(examples: list, seed: int) -> list:
+def unpair_one(prompts: np.ndarray, seed: int) -> np.ndarray:
     """One y per x: of each prompt's completions (a pair's two sides, or several rows of one
-    prompt) keeps one, desirable or undesirable, at random (seeded)."""
+    prompt) keeps one, desirable or undesirable, at random (seeded). Returns the kept indices."""
     rng = random.Random(seed)
-    by_prompt = {}
-    for i, e in enumerate(examples):
-        by_prompt.setdefault(prompt_key(e.prompt), []).append(i)
-    keep = {idx[rng.randrange(len(idx))] for idx in by_prompt.values()}
-    return [e for i, e in enumerate(examples) if i in keep]
+    _, first, inverse, counts = np.unique(prompts, return_index=True, return_inverse=True, return_counts=True)
+    members = np.argsort(inverse, kind="stable")  # each prompt's examples together, in order
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    groups = np.argsort(first, kind="stable")  # prompts in order of first appearance
+    pick = np.array([rng.randrange(c) for c in counts[groups].tolist()], np.int64)
+    return np.sort(members[starts[groups] + pick])
 
 
-def pair_by_prompt(examples: list) -> list:
+def pair_by_prompt(prompts: np.ndarray, labels: np.ndarray, pair: np.ndarray) -> np.ndarray:
     """Gives each unpaired desirable example a pair id shared with an undesirable example of the same
-    prompt (in row order), so losses that need pairs can use unpaired data."""
-    free = {}
-    for i, e in enumerate(examples):
-        if e.pair_id is None:
-            free.setdefault(prompt_key(e.prompt), ([], []))[0 if e.desirable else 1].append(i)
-    out = list(examples)
-    next_id = max((e.pair_id for e in examples if e.pair_id is not None), default=-1) + 1
-    for good, bad in free.values():
-        for g, b in zip(good, bad):
-            out[g] = replace(out[g], pair_id=next_id)
-            out[b] = replace(out[b], pair_id=next_id)
-            next_id += 1
+    prompt (the k-th desirable with the k-th undesirable, in row order), so losses that need pairs
+    can use unpaired data. Returns the new pair ids."""
+    free = np.flatnonzero(pair < 0)
+    out = pair.copy()
+    if not len(free):
+        return out
+    key, label = prompts[free], labels[free]
+    order = np.lexsort((free, label, key))  # by prompt, then label, then position
+    k, lab = key[order], label[order]
+    new = np.concatenate([[True], (k[1:] != k[:-1]) | (lab[1:] != lab[:-1])])
+    rank = np.arange(len(order)) - np.maximum.accumulate(np.where(new, np.arange(len(order)), 0))
+    _, slot = np.unique(np.stack([k, rank]), axis=1, return_inverse=True)  # (prompt, k-th)
+    slot = slot.reshape(-1)
+    both = np.bincount(slot, weights=lab, minlength=slot.max() + 1) * np.bincount(slot, weights=~lab)
+    paired = both[slot] > 0
+    out[free[order[paired]]] = pair.max(initial=-1) + 1 + slot[paired]
     return out
 
 
-def subsample(examples: list, desirable_fraction: float, undesirable_fraction: float, seed: int) -> list:
-    """Keeps a seeded share of desirable and of undesirable examples, in their original order."""
+def subsample(labels: np.ndarray, desirable_fraction: float, undesirable_fraction: float, seed: int) -> np.ndarray:
+    """Keeps a seeded share of desirable and of undesirable examples, in their original order.
+    Returns the kept indices."""
     rng = random.Random(seed)
-    keep = set()
+    keep = []
     for label, fraction in ((True, desirable_fraction), (False, undesirable_fraction)):
-        idx = [i for i, e in enumerate(examples) if e.desirable == label]
-        keep.update(rng.sample(idx, round(fraction * len(idx))))
-    return [e for i, e in enumerate(examples) if i in keep]
+        idx = np.flatnonzero(labels == label).tolist()
+        keep += idx if fraction == 1.0 else rng.sample(idx, round(fraction * len(idx)))
+    return np.sort(np.asarray(keep, np.int64))
 
 
 def prompt_key(prompt: Text) -> str:
@@ -394,24 +467,24 @@ def distinct_prompts(examples: list) -> list:
     return list(first.values())
 
 
-def hold_out(examples: list, fraction: float, seed: int) -> tuple:
-    """Splits by prompt, so no prompt is both trained on and evaluated on. Returns (train, eval)."""
-    prompts = sorted({prompt_key(e.prompt) for e in examples})
-    random.Random(seed).shuffle(prompts)
-    held = set(prompts[: max(1, round(fraction * len(prompts)))])
-    train = [e for e in examples if prompt_key(e.prompt) not in held]
-    return train, [e for e in examples if prompt_key(e.prompt) in held]
+def hold_out(prompts: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Which examples a held-out split takes: by prompt, so no prompt is both trained on and
+    evaluated on. Returns a bool mask."""
+    keys = np.unique(prompts).tolist()
+    random.Random(seed).shuffle(keys)
+    return np.isin(prompts, np.asarray(keys[: max(1, round(fraction * len(keys)))], np.int64))
 
 
 # ---------------------------------------------------------------- KL partners
 
-def kl_partners(keys: list, seed: int) -> list:
+def kl_partners(keys, seed: int) -> np.ndarray:
     """A seeded derangement p of range(n) (p[i] != i) where, whenever possible, example p[i] has
     another prompt than example i, so (x_i, y_p[i]) is a mismatched pair. Fixed before training,
     so shuffling and batch size do not change any example's KL sequence."""
+    keys = list(keys)
     n = len(keys)
     if n < 2:
-        return list(range(n))
+        return np.arange(n)
     rng = random.Random(seed)
     p = list(range(n))
     for i in range(n - 1, 0, -1):  # Sattolo's algorithm: one n-cycle, so no fixed point
@@ -425,28 +498,37 @@ def kl_partners(keys: list, seed: int) -> list:
             k = rng.randrange(n)
             if ok(i, p[k]) and ok(k, p[i]):
                 p[i], p[k] = p[k], p[i]
-    return p
+    return np.asarray(p, np.int64)
 
 
-def rotated_partners(n: int, block: int) -> list:
+def rotated_partners(n: int, block: int) -> np.ndarray:
     """TRL KTOTrainer's KL pairs: in each block of `block` consecutive examples, example k takes the
     completion of example k-1, the first one the last one's."""
-    return [i - 1 if i % block else min(i + block, n) - 1 for i in range(n)]
+    i = np.arange(n)
+    return np.where(i % block != 0, i - 1, np.minimum(i + block, n) - 1)
 
 
 # ---------------------------------------------------------------- tokenizing
 
-def render(example: Example, tokenizer, use_chat_template: bool) -> tuple:
+def render(example: Example, tokenizer, use_chat_template: bool, memo=None) -> tuple:
     """(prompt text, completion text, length of the prompt's header in characters). With a chat
     template the completion is what the template adds after the generation prompt, end-of-turn
     tokens included, and the header is what precedes the first message's content (BOS, system
-    prompt, role markers)."""
+    prompt, role markers). memo (tables.Renderer): the last prompt's rendering and the headers seen,
+    reused."""
     if use_chat_template and getattr(tokenizer, "chat_template", None):
         prompt = example.prompt if isinstance(example.prompt, list) else [{"role": "user", "content": example.prompt}]
         completion = example.completion if isinstance(example.completion, list) else [
             {"role": "assistant", "content": example.completion}]
+        key = prompt_key(prompt)
         try:
-            p = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            if memo is not None and key in memo.prompts:
+                p, header = memo.prompts[key]
+            else:
+                p = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                header = template_header(tokenizer, prompt, p, memo)
+                if memo is not None:
+                    memo.prompts = {key: (p, header)}  # a pair's other side comes next
             full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
         except Exception as e:  # a template that refuses this row (roles out of order, say)
             raise UserError(f"{example.where}: the tokenizer's chat template fails on this row "
@@ -454,7 +536,7 @@ def render(example: Example, tokenizer, use_chat_template: bool) -> tuple:
         if not full.startswith(p):
             raise UserError(f"{example.where}: the tokenizer's chat template renders the prompt differently "
                             "alone and with its completion; set model.use_chat_template=false")
-        return p, full[len(p):], template_header(tokenizer, prompt, p)
+        return p, full[len(p):], header
     bos = tokenizer.bos_token or ""
     return bos + _flatten(example.prompt), _flatten(example.completion) + (tokenizer.eos_token or ""), len(bos)
 
@@ -462,15 +544,22 @@ def render(example: Example, tokenizer, use_chat_template: bool) -> tuple:
 HEADER_SENTINEL = "KTOCLIHEADERSENTINEL"
 
 
-def template_header(tokenizer, prompt: list, rendered: str) -> int:
+def template_header(tokenizer, prompt: list, rendered: str, memo=None) -> int:
     """Characters the chat template puts before the first message's content (BOS, a default system
     prompt, role markers): found by rendering a sentinel in its place, since templates may reformat
-    content (trim it, say). 0 when the template does not render the same text before it."""
+    content (trim it, say). 0 when the template does not render the same text before it. memo: the
+    header found for prompts of the same roles, used where this prompt's rendering starts with it."""
     if not prompt:
         return 0
+    roles = tuple(m["role"] for m in prompt)
+    known = memo.headers.get(roles) if memo is not None else None
+    if known and rendered.startswith(known):
+        return len(known)
     probe = tokenizer.apply_chat_template([{**prompt[0], "content": HEADER_SENTINEL}] + prompt[1:], tokenize=False,
                                           add_generation_prompt=True)
     at = probe.find(HEADER_SENTINEL)
+    if at > 0 and memo is not None:
+        memo.headers[roles] = probe[:at]
     return at if at > 0 and rendered.startswith(probe[:at]) else 0
 
 
@@ -501,19 +590,25 @@ def header_tokens(tokenizer, texts: list, header_chars: list, ids: list) -> list
 
 
 def tokenize(examples: list, tokenizer, use_chat_template: bool, cfg: DatasetConfig, seed: int,
-             kl_block: int = 1) -> Split:
-    rendered = [render(e, tokenizer, use_chat_template) for e in examples]
-    enc = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prompt_ids, completion_ids = enc([p for p, _, _ in rendered]), enc([c for _, c, _ in rendered])
-    for e, c in zip(examples, completion_ids):
-        if not c:
-            raise UserError(f"{e.where}: the completion has no tokens")
-    heads = header_tokens(tokenizer, [p for p, _, _ in rendered], [h for _, _, h in rendered], prompt_ids)
+             kl_block: int = 1, name: str = "examples") -> Split:
+    """A Split of Examples made in this run (held in memory), with KL partners."""
+    table = tables.table_of_examples(examples, tokenizer, use_chat_template, name)
+    pair = [-1 if e.pair_id is None else e.pair_id for e in examples]
+    split = Split([table], np.zeros(len(examples)), np.arange(len(examples)), pair, cfg.max_length, cfg.max_prompt_length)
+    return with_partners(split, cfg, seed, kl_block)
+
+
+def with_partners(split: Split, cfg: DatasetConfig, seed: int, kl_block: int) -> Split:
+    """The split with each example's KL partner drawn (dataset.kl_partners). The derangement, a
+    loop over the examples, is kept in the data cache by its input (the prompt keys and the seed)."""
     if cfg.kl_partners == KLPartners.rotate:
-        partners = rotated_partners(len(examples), kl_block)
+        split.kl_partner = rotated_partners(len(split), kl_block)
     else:
-        partners = kl_partners([hashlib.sha1(repr(p).encode()).hexdigest() for p in prompt_ids], seed)
-    return Split(examples, prompt_ids, completion_ids, partners, cfg.max_length, cfg.max_prompt_length, heads)
+        split.kl_partner = tables.cached_array(
+            data_cache(cfg) if len(split) >= tables.CHUNK else None, "partners",
+            [np.ascontiguousarray(split.prompt).tobytes(), str(seed).encode()],
+            lambda: kl_partners(split.prompt.tolist(), seed))
+    return split
 
 
 # ---------------------------------------------------------------- collating
@@ -535,39 +630,109 @@ def collate(sequences: list, pad_id: int) -> dict:
 
 # ---------------------------------------------------------------- the whole path
 
+def data_cache(cfg: DatasetConfig) -> Optional[Path]:
+    """Where tokenised sources are kept (None: dataset.cache=false)."""
+    from .models import cache_root
+    return (Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "data") if cfg.cache else None
+
+
+def open_source(cfg: DatasetConfig, spec: str, split: str, columns, tokenizer, use_chat_template: bool):
+    return tables.open_table(spec, split, column_map(columns), tokenizer, use_chat_template, data_cache(cfg))
+
+
+def source_split(cfg: DatasetConfig, table, max_rows: Optional[int] = None, positions=None) -> tuple:
+    """(Split of one source's examples without KL partners, rows skipped): of the table's first
+    max_rows rows, or of the rows at `positions`. A bad row among them is fatal unless
+    dataset.skip_bad_rows."""
+    rows = np.arange(min(table.n_rows, max_rows if max_rows is not None else table.n_rows)) if positions is None \
+        else np.asarray(positions, np.int64)
+    bad = sorted(set(table.bad) & set(rows.tolist())) if table.bad else []
+    if bad and not cfg.skip_bad_rows:
+        line, message = table.bad[bad[0]]
+        raise UserError(f"{table.name}: row {line}: {message}")
+    keep = np.flatnonzero(table.row < len(rows)) if positions is None else np.flatnonzero(np.isin(table.row, rows))
+    pair = np.where(table.paired[keep], table.row[keep], -1)
+    return Split([table], np.zeros(len(keep)), keep, pair, cfg.max_length, cfg.max_prompt_length), len(bad)
+
+
+def concat(splits: list) -> Split:
+    """One split of several sources' examples, in order; pair ids kept apart."""
+    if len(splits) == 1:
+        return splits[0]
+    base = np.cumsum([0] + [int(s.pair.max(initial=-1)) + 1 for s in splits])[:-1]
+    return Split([s.tables[0] for s in splits], np.concatenate([np.full(len(s), k) for k, s in enumerate(splits)]),
+                 np.concatenate([s.at for s in splits]),
+                 np.concatenate([np.where(s.pair >= 0, s.pair + b, -1) for s, b in zip(splits, base)]),
+                 splits[0].max_length, splits[0].max_prompt_length)
+
+
+def training_split(cfg: DatasetConfig, tokenizer, use_chat_template: bool) -> tuple:
+    """(Split of dataset.train's or dataset.mix's examples, rows skipped)."""
+    if not cfg.mix:
+        table = open_source(cfg, cfg.train, cfg.train_split, cfg.columns, tokenizer, use_chat_template)
+        split, skipped = source_split(cfg, table, cfg.max_train_rows)
+        name = cfg.train
+    else:
+        opened = [open_source(cfg, m.source, m.split, m.columns or cfg.columns, tokenizer, use_chat_template)
+                  for m in cfg.mix]
+        picked = mix_positions(cfg, [(t.name, t.n_rows) for t in opened])
+        parts = [source_split(cfg, table, positions=take) for table, take in zip(opened, picked)]
+        split, skipped, name = concat([s for s, _ in parts]), sum(k for _, k in parts), "dataset.mix"
+    if not len(split):
+        raise UserError(f"{name}: no usable rows")
+    return split, skipped
+
+
+def eval_split(cfg: DatasetConfig, train: Split, tokenizer, use_chat_template: bool, seed: int) -> tuple:
+    """(train Split, held-out Split or None, rows skipped): dataset.eval's examples, or
+    dataset.eval_fraction of train's prompts held out."""
+    if cfg.eval:
+        table = open_source(cfg, cfg.eval, cfg.eval_split, cfg.columns, tokenizer, use_chat_template)
+        evals, skipped = source_split(cfg, table, cfg.max_eval_rows)
+        if not len(evals):
+            raise UserError(f"{cfg.eval}: no usable rows")
+        return train, evals, skipped
+    if cfg.eval_fraction > 0:
+        held = hold_out(train.prompt, cfg.eval_fraction, seed)
+        return train.take(~held), train.take(held), 0
+    return train, None, 0
+
+
+def paired_by_prompt(split: Split) -> Split:
+    split.pair = pair_by_prompt(split.prompt, split.labels, split.pair)
+    return split
+
+
 def build_splits(cfg: DatasetConfig, tokenizer, use_chat_template: bool, kl_block: int = 1) -> tuple:
     """(train Split, eval Split or None, report dict). The eval split keeps both sides of each
     pair (and is never subsampled), so held-out accuracy compares chosen with rejected.
     kl_block: the block size of dataset.kl_partners=rotate (TRL's per-device batch)."""
     seed = 0 if cfg.seed is None else cfg.seed  # a run fills it from its top-level seed
-    train, skipped = examples_from(training_rows(cfg), cfg.skip_bad_rows)
-    evals = []
-    if cfg.eval:
-        evals, skipped_eval = load_examples(cfg.eval, cfg.eval_split, cfg.skip_bad_rows, cfg.max_eval_rows, column_map(cfg.columns))
-        skipped += skipped_eval
-    elif cfg.eval_fraction > 0:
-        train, evals = hold_out(train, cfg.eval_fraction, seed)
+    train, skipped = training_split(cfg, tokenizer, use_chat_template)
+    train, evals, skipped_eval = eval_split(cfg, train, tokenizer, use_chat_template, seed)
+    skipped += skipped_eval
     if cfg.pair_by_prompt:
-        train, evals = pair_by_prompt(train), pair_by_prompt(evals)
+        train, evals = paired_by_prompt(train), evals if evals is None else paired_by_prompt(evals)
     if cfg.unpair == UnpairMode.one:
-        train = unpair_one(train, seed)
-    train = subsample(train, cfg.desirable_fraction, cfg.undesirable_fraction, seed)
-    if not train:
+        train = train.take(unpair_one(train.prompt, seed))
+    if cfg.desirable_fraction != 1.0 or cfg.undesirable_fraction != 1.0:
+        train = train.take(subsample(train.labels, cfg.desirable_fraction, cfg.undesirable_fraction, seed))
+    if not len(train):
         raise UserError(f"{cfg.train}: no training examples left after subsampling")
-    report = {"train": len(train), "eval": len(evals), "skipped_rows": skipped,
-              "desirable": sum(e.desirable for e in train), "undesirable": sum(not e.desirable for e in train)}
-    train_split = tokenize(train, tokenizer, use_chat_template, cfg, seed, kl_block)
-    eval_split = tokenize(evals, tokenizer, use_chat_template, cfg, seed + 1, kl_block) if evals else None
-    for name, split in (("training", train_split), ("held-out", eval_split)):
+    report = {"train": len(train), "eval": 0 if evals is None else len(evals), "skipped_rows": skipped,
+              "desirable": int(train.labels.sum()), "undesirable": int((~train.labels).sum())}
+    train = with_partners(train, cfg, seed, kl_block)
+    evals = None if evals is None else with_partners(evals, cfg, seed + 1, kl_block)
+    for name, split in (("training", train), ("held-out", evals)):
         report.update(count_truncated(split, name) if split is not None else {})
-    return train_split, eval_split, report
+    return train, evals, report
 
 
 def count_truncated(split: Split, name: str) -> dict:
     """How many prompts and completions truncation cuts (a warning line when any)."""
-    prompts = sum(len(p) > split.max_prompt_length for p in split.prompt_ids)
-    completions = sum(min(len(p), split.max_prompt_length) + len(c) > split.max_length
-                      for p, c in zip(split.prompt_ids, split.completion_ids))
+    prompt_len = split.prompt_len + (split.extra >= 0)
+    prompts = int((prompt_len > split.max_prompt_length).sum())
+    completions = int((np.minimum(prompt_len, split.max_prompt_length) + split.completion_len > split.max_length).sum())
     if prompts or completions:
         log.warning("%d of %d %s prompts are longer than dataset.max_prompt_length=%d tokens (their start and end "
                     "are kept) and %d completions are cut at dataset.max_length=%d", prompts, len(split), name,
@@ -579,14 +744,12 @@ def held_out_split(cfg: DatasetConfig, tokenizer, use_chat_template: bool, kl_bl
     """The eval Split alone, as build_splits makes it (None without one): for runs whose training
     data are made later (online rounds)."""
     seed = 0 if cfg.seed is None else cfg.seed
-    if cfg.eval:
-        evals = load_examples(cfg.eval, cfg.eval_split, cfg.skip_bad_rows, cfg.max_eval_rows, column_map(cfg.columns))[0]
-    elif cfg.eval_fraction > 0:
-        evals = hold_out(examples_from(training_rows(cfg), cfg.skip_bad_rows)[0], cfg.eval_fraction, seed)[1]
-    else:
+    if not cfg.eval and not cfg.eval_fraction > 0:
         return None
-    evals = pair_by_prompt(evals) if cfg.pair_by_prompt else evals
-    return tokenize(evals, tokenizer, use_chat_template, cfg, seed + 1, kl_block)
+    train = None if cfg.eval else training_split(cfg, tokenizer, use_chat_template)[0]
+    evals = eval_split(cfg, train, tokenizer, use_chat_template, seed)[1]
+    evals = paired_by_prompt(evals) if cfg.pair_by_prompt else evals
+    return with_partners(evals, cfg, seed + 1, kl_block)
 
 
 def load_prompts(cfg: DatasetConfig, tokenizer, use_chat_template: bool) -> Split:
@@ -612,7 +775,6 @@ def load_prompts(cfg: DatasetConfig, tokenizer, use_chat_template: bool) -> Spli
         raise UserError(f"{name}: no usable rows")
     seed = 0 if cfg.seed is None else cfg.seed
     if not cfg.eval and cfg.eval_fraction > 0:  # the prompts held_out_split holds out, chosen the same way
-        trained = examples_from(training_rows(cfg), cfg.skip_bad_rows)[0]
-        held = {prompt_key(e.prompt) for e in hold_out(trained, cfg.eval_fraction, seed)[1]}
-        examples = [e for e in examples if prompt_key(e.prompt) not in held]
-    return tokenize([examples[i] for i in distinct_prompts(examples)], tokenizer, use_chat_template, cfg, seed)
+        held = set(held_out_split(cfg, tokenizer, use_chat_template).prompt.tolist())
+        examples = [e for e in examples if tables.prompt_hash(prompt_key(e.prompt)) not in held]
+    return tokenize([examples[i] for i in distinct_prompts(examples)], tokenizer, use_chat_template, cfg, seed, name=name)

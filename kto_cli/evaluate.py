@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import distributed as dist
 from .config import GenerationConfig, UserError, VerifierConfig
-from .data import Split, distinct_prompts
+from .data import Split
 from .files import read_jsonl
 from .generate import generate
 from .verifiers import check_rows, make_verifier
@@ -36,7 +36,7 @@ class GenerationEval:
                  max_prompts=None):
         self.tokenizer, self.cfg = tokenizer, generation
         self.verifier = make_verifier(verifier)
-        self.examples = distinct_prompts(split.examples)[:max_prompts]
+        self.examples = split.distinct_prompts()[:max_prompts]
         self.split = split
         check_rows(self.verifier, [(split.examples[i].where, split.examples[i].row or {}) for i in self.examples])
 

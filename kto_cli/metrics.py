@@ -40,10 +40,10 @@ class MetricSums:
 
 def pair_accuracy(split, scores: torch.Tensor) -> Optional[float]:
     """Share of held-out pairs whose chosen completion scores above the rejected one (ties: 1/2)."""
-    pairs = split.pairs()
-    if not pairs:
+    pairs = torch.from_numpy(split.pairs())  # (P, 2)
+    if not len(pairs):
         return None
-    return float(pair_wins(scores[[p[0] for p in pairs]], scores[[p[1] for p in pairs]]).mean())
+    return float(pair_wins(scores[pairs[:, 0]], scores[pairs[:, 1]]).mean())
 
 
 def read_metrics(where: Path, split: Optional[str] = None) -> list:

@@ -24,11 +24,11 @@ from pathlib import Path
 from . import distributed as dist
 from . import objectives
 from .config import OnlineReference, RunConfig, UnpairMode, UserError, config_digest
-from .data import build_splits, distinct_prompts, held_out_split, load_prompts
+from .data import build_splits, held_out_split, load_prompts
 from .files import atomic_write
 from .generate import generate
 from .metrics import read_metrics
-from .train import Trainer, split_digest
+from .train import Trainer
 from .verifiers import check_rows, make_verifier
 
 log = logging.getLogger("kto_cli")
@@ -36,7 +36,7 @@ log = logging.getLogger("kto_cli")
 
 def chosen_prompts(split, count: int, seed: int) -> list:
     """Example indices of `count` distinct prompts of the split, a seeded choice, in split order."""
-    first = distinct_prompts(split.examples)
+    first = split.distinct_prompts()
     return sorted(random.Random(seed).sample(first, min(count, len(first))))
 
 
@@ -72,7 +72,7 @@ class OnlineTrainer(Trainer):
         and the held-out split; each round's answers become the train split."""
         cfg = self.cfg
         self.prompts = load_prompts(cfg.dataset, self.tokenizer, cfg.model.use_chat_template)
-        self.data_digest = split_digest(self.prompts)  # the answers of each round are checked by its own files
+        self.data_digest = self.prompts.digest()  # the answers of each round are checked by its own files
         self.verifier = make_verifier(cfg.verifier)
         check_rows(self.verifier, [(e.where, e.row or {}) for e in self.prompts.examples])
         held = held_out_split(cfg.dataset, self.tokenizer, cfg.model.use_chat_template, cfg.trainer.micro_batch_size)
@@ -117,7 +117,7 @@ class OnlineTrainer(Trainer):
         r = min(step // self.per_round, self.cfg.online.rounds - 1)  # a finished run resumed: the last round
         if r != self.round:
             self.enter_round(r, preemption)
-        return bool(self.units["train"])
+        return len(self.units["train"]) > 0
 
     def eval_due(self, done: int) -> bool:
         return super().eval_due(done) or (self.cfg.online.eval_each_round and done % self.per_round == 0)
@@ -138,14 +138,14 @@ class OnlineTrainer(Trainer):
         self.log_round(r, folder)
         split = self.round_split(folder / "samples.jsonl")
         self.splits["train"], self.units["train"] = split, objectives.units(split, self.need) if split else []
-        if not self.units["train"]:
+        if not len(self.units["train"]):
             log.warning("online round %d: no %s among its answers: its %d steps are skipped", r + 1,
                         "pairs of a passing and a failing answer to one prompt" if self.need.paired else
                         "passing answers" if self.need.desirable_only else "answers", self.per_round)
             return
         held = {"eval": self.splits["eval"]} if not self.eval_prepared and "eval" in self.splits else {}
         self.objective.prepare({"train": split} | held, self.tokenizer,
-                               (sum(e.desirable for e in split.examples), sum(not e.desirable for e in split.examples)))
+                               (int(split.labels.sum()), int((~split.labels).sum())))
         self.eval_prepared = True
         initial = self.cfg.online.reference == OnlineReference.initial
         moved = self.start > r * self.per_round  # resumed mid-round: the policy is past the round's start
@@ -206,7 +206,7 @@ class OnlineTrainer(Trainer):
         if not path.read_text(encoding="utf-8").strip():
             return None
         data = replace(self.cfg.dataset, train=str(path), train_split="train", eval=None, eval_fraction=0.0,
-                       max_train_rows=None, unpair=UnpairMode.both,
+                       max_train_rows=None, unpair=UnpairMode.both, mix=[], cache=False,
                        pair_by_prompt=self.cfg.dataset.pair_by_prompt or needs_pairs(self.cfg))
         return build_splits(data, self.tokenizer, self.cfg.model.use_chat_template,
                             kl_block=self.cfg.trainer.micro_batch_size)[0]

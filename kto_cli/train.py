@@ -6,7 +6,6 @@
 import contextlib
 import functools
 import gc
-import hashlib
 import json
 import logging
 import math
@@ -16,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
@@ -45,15 +45,6 @@ log = logging.getLogger("kto_cli")
 
 
 # ---------------------------------------------------------------- set-up helpers
-
-def split_digest(split) -> str:
-    """A hash of what a split trains on: its token ids, labels and KL partners."""
-    h = hashlib.sha256()
-    for i in range(len(split)):
-        h.update(json.dumps([split.prompt_ids[i], split.completion_ids[i], split.examples[i].desirable,
-                             split.kl_partner[i]]).encode())
-    return h.hexdigest()[:16]
-
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -176,7 +167,7 @@ class Trainer:
         mean over the batch's tokens, with a looser tolerance."""
         t, need = self.cfg.trainer, self.need
         units = self.units["train"]
-        first = [units[p] for p in batch_indices(0, len(units), t.batch_size, self.span[2], self.order)]
+        first = units[batch_indices(0, len(units), t.batch_size, self.span[2], self.order)].tolist()
         mine = first[self.rank * t.micro_batch_size:(self.rank + 1) * t.micro_batch_size]
         split = self.splits["train"]
         pairs = [(split.sequence(u[0]), split.sequence(u[1])) if need.paired else
@@ -270,15 +261,14 @@ class Trainer:
             log.warning("skipped %d bad rows (dataset.skip_bad_rows=true)", report["skipped_rows"])
         objectives.check_data(cfg.loss.name, self.need, train, cfg.dataset.train, cfg.dataset.unpair == UnpairMode.one)
         splits = {"train": train, **({"eval": held} if held is not None else {})}
-        self.data_digest = split_digest(train)
+        self.data_digest = train.digest()
         self.objective.prepare(splits, self.tokenizer, (report["desirable"], report["undesirable"]))
         return splits
 
     def unit_lengths(self, name: str) -> list:
         """Tokens of each unit (the longer side of a pair)."""
-        split = self.splits[name]
-        size = lambda i: sum(map(len, split.sequence(i)))  # noqa: E731
-        return [max(size(u[0]), size(u[1])) if self.need.paired else size(u) for u in self.units[name]]
+        lengths, units = self.splits[name].lengths(), self.units[name]
+        return (lengths[units].max(axis=1) if self.need.paired else lengths[units]).tolist()
 
     def used_examples(self, name: str) -> list:
         """Example indices that training (all of eval) will use: the reference pass computes only these."""
@@ -286,7 +276,7 @@ class Trainer:
             return list(range(len(self.splits["eval"])))
         t, units, (_, steps, seed) = self.cfg.trainer, self.units["train"], self.span
         positions = visited_indices(steps, len(units), t.batch_size, seed, self.order)
-        return sorted({i for p in positions for i in (units[p] if self.need.paired else (units[p],))})
+        return np.unique(units[np.asarray(positions, np.int64)]).tolist()
 
     def kl_splits(self) -> set:
         """The splits whose examples' KL partners are used: training's for KTO's reference point,
@@ -416,7 +406,7 @@ class Trainer:
         ranks computes what one process with micro-batches of W*m computes."""
         t, units, (first, _, seed) = self.cfg.trainer, self.units["train"], self.span
         self.model.train()
-        batch = [units[p] for p in batch_indices(step - first, len(units), t.batch_size, seed, self.order)]
+        batch = units[batch_indices(step - first, len(units), t.batch_size, seed, self.order)].tolist()
         accum, m = accumulation(self.cfg, self.world), t.micro_batch_size
         sums, tokens, start, lr = MetricSums(), 0, time.perf_counter(), self.backend.lr()
         for k in range(accum):
@@ -474,7 +464,7 @@ class Trainer:
         split, units, bs = self.splits["eval"], self.units["eval"], self.cfg.trainer.eval_batch_size
         sums, logps = MetricSums(), torch.full((len(split),), float("nan"))
         for start in range(0, len(units), bs):
-            micro = self.micro_step("eval", units[start:start + bs], source, across_ranks=False)
+            micro = self.micro_step("eval", units[start:start + bs].tolist(), source, across_ranks=False)
             sums.add(micro.metrics)
             logps[micro.idx] = micro.logps.float().cpu()
         missing = logps.isnan().nonzero().squeeze(1).tolist()  # e.g. the rejected side, for sft

@@ -66,3 +66,12 @@ def test_weights_that_are_not_finite_are_never_exported(tmp_path):
                                        r"checkpoint is .*step_0000003"):
         export_final(tmp_path, backend, backend.policy.lm, tiny_tokenizer())
     assert not (tmp_path / "final").exists() and not list(tmp_path.glob("final.tmp*"))
+
+
+def test_data_digests_compare_within_one_form():
+    """A checkpoint of an earlier version (its data digest hashed the token ids) resumes uncompared;
+    digests of one form must be equal."""
+    from kto_cli.checkpoint import changes
+    now = {"config": {"seed": 0}, "data": "t1-" + "a" * 16, "world": 1, "stage": None}
+    assert changes({**now, "data": "0123456789abcdef"}, now) == []
+    assert changes({**now, "data": "t1-" + "b" * 16}, now) == ["the training examples (the data file's contents)"]

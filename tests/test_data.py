@@ -1,17 +1,24 @@
 """Reading, validation errors, unpairing, subsampling, KL partners, truncation and collation."""
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from kto_cli.config import DatasetConfig, UnpairMode, UserError
 from kto_cli.data import (Example, build_splits, collate, hold_out, kl_partners, load_examples, render,
-                          rotated_partners, row_to_examples, subsample, truncate, unpair_one)
+                          prompt_key, rotated_partners, row_to_examples, subsample, truncate, unpair_one)
+from kto_cli.tables import prompt_hash
 
 from conftest import write_jsonl
 
 PAIRS = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(10)]
+
+
+def keys(examples: list) -> np.ndarray:
+    """The examples' prompt keys, as a Split holds them."""
+    return np.array([prompt_hash(prompt_key(e.prompt)) for e in examples])
 
 
 def error_of(tmp_path, rows, name="d.jsonl", **kw):
@@ -118,11 +125,11 @@ def test_unpairing_both_and_one(tmp_path):
     both, _ = load_examples(str(path), "train", skip_bad_rows=False)
     assert len(both) == 20 and sum(e.desirable for e in both) == 10
     assert both[0].pair_id == both[1].pair_id == 0
-    one = unpair_one(both, seed=3)
+    one = [both[i] for i in unpair_one(keys(both), seed=3)]
     assert len(one) == 10 and len({e.pair_id for e in one}) == 10
     assert 0 < sum(e.desirable for e in one) < 10  # both sides occur
-    assert [e.completion for e in unpair_one(both, seed=3)] == [e.completion for e in one]  # seeded
-    assert [e.completion for e in unpair_one(both, seed=4)] != [e.completion for e in one]
+    assert unpair_one(keys(both), seed=3).tolist() == unpair_one(keys(both), seed=3).tolist()  # seeded
+    assert unpair_one(keys(both), seed=4).tolist() != unpair_one(keys(both), seed=3).tolist()
 
 
 def test_unpair_one_keeps_one_completion_per_prompt():
@@ -131,37 +138,39 @@ def test_unpair_one_keeps_one_completion_per_prompt():
     rows = [{"prompt": "a", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(3)]
     rows += [{"prompt": "a", "completion": "more", "label": True}, {"prompt": "b", "chosen": "g", "rejected": "b"}]
     examples = [e for n, r in enumerate(rows) for e in row_to_examples(r, "x", n)]
-    kept = [unpair_one(examples, seed) for seed in range(20)]
+    kept = [[examples[i] for i in unpair_one(keys(examples), seed)] for seed in range(20)]
     assert all(sorted(e.prompt for e in k) == ["a", "b"] for k in kept)
     assert len({k[0].completion for k in kept}) > 2  # any of prompt a's 7 completions may be the one
 
 
 def test_rotated_kl_partners_are_trls_pairs():
     """TRL's KTOTrainer rotates completions by one within each per-device batch, in data order."""
-    assert rotated_partners(7, 3) == [2, 0, 1, 5, 3, 4, 6]
+    assert rotated_partners(7, 3).tolist() == [2, 0, 1, 5, 3, 4, 6]
 
 
 def test_subsample_keeps_seeded_fractions():
-    ex = [Example(f"q{i}", "c", i % 2 == 0, None, "x") for i in range(200)]
-    kept = subsample(ex, desirable_fraction=0.1, undesirable_fraction=1.0, seed=0)
-    assert sum(e.desirable for e in kept) == 10 and sum(not e.desirable for e in kept) == 100
-    assert [e.prompt for e in kept] == [e.prompt for e in subsample(ex, 0.1, 1.0, seed=0)]
+    labels = np.arange(200) % 2 == 0
+    kept = subsample(labels, desirable_fraction=0.1, undesirable_fraction=1.0, seed=0)
+    assert labels[kept].sum() == 10 and (~labels[kept]).sum() == 100 and (np.diff(kept) > 0).all()
+    assert kept.tolist() == subsample(labels, 0.1, 1.0, seed=0).tolist()
+    assert kept.tolist() != subsample(labels, 0.1, 1.0, seed=1).tolist()
 
 
 def test_hold_out_splits_by_prompt(tmp_path):
     ex, _ = load_examples(str(write_jsonl(tmp_path / "p.jsonl", PAIRS)), "train", skip_bad_rows=False)
-    train, held = hold_out(ex, 0.2, seed=0)
+    mask = hold_out(keys(ex), 0.2, seed=0)
+    train, held = [e for e, m in zip(ex, mask) if not m], [e for e, m in zip(ex, mask) if m]
     assert len(held) == 4 and len(train) == 16
     assert not {e.prompt for e in train} & {e.prompt for e in held}
 
 
 def test_kl_partners_is_a_seeded_derangement_across_prompts():
     keys = [i // 2 for i in range(50)]  # pairs share a prompt
-    p = kl_partners(keys, seed=0)
+    p = kl_partners(keys, seed=0).tolist()
     assert sorted(p) == list(range(50))
     assert all(p[i] != i for i in range(50))
     assert all(keys[p[i]] != keys[i] for i in range(50))
-    assert p == kl_partners(keys, seed=0) and p != kl_partners(keys, seed=1)
+    assert p == kl_partners(keys, seed=0).tolist() and p != kl_partners(keys, seed=1).tolist()
 
 
 def test_truncation_keeps_prompt_end_and_completion_start():
@@ -189,10 +198,10 @@ def test_truncated_sequences_of_one_prompt_share_it(tmp_path, tiny_tok):
     cfg = DatasetConfig(train=str(write_jsonl(tmp_path / "long.jsonl", rows)), max_length=40, max_prompt_length=20)
     train, _, _ = build_splits(cfg, tiny_tok, use_chat_template=True)
     header = tiny_tok("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
-    assert train.prompt_head[0] == len(header) == 6
+    assert train.head[0] == len(header) == 6
     for i in range(len(train)):
         p, c = train.sequence(i)
-        assert len(p) == 20 and p[:6] == header and p == train.prompt_ids[i][:6] + train.prompt_ids[i][-14:]
+        assert len(p) == 20 and p[:6] == header and p == train.prompt_ids(i)[:6] + train.prompt_ids(i)[-14:]
         assert train.kl_sequence(i)[0] == p and len(p) + len(c) <= 40
     for chosen, rejected in train.pairs():
         assert train.sequence(chosen)[0] == train.sequence(rejected)[0]
@@ -220,7 +229,7 @@ def test_build_splits_and_collate_pad_to_batch_longest(tmp_path, tiny_tok):
     assert b["completion_mask"][0].sum().item() == len(seqs[0][1])
     assert b["attention_mask"].sum().item() == sum(len(p) + len(c) for p, c in seqs)
     assert train.kl_sequence(0)[0] == train.sequence(0)[0]  # same prompt, partner's completion
-    assert train.kl_sequence(0)[1] == train.completion_ids[train.kl_partner[0]]
+    assert train.kl_sequence(0)[1] == train.completion_ids(train.kl_partner[0])
     assert isinstance(train.desirable([0, 1]), torch.Tensor)
 
 

@@ -8,6 +8,7 @@ Adding a loss is one file in this package: a schema dataclass and a @register'ed
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, ClassVar, Optional
 
+import numpy as np
 import torch
 
 from ..config import LossConfig, UserError
@@ -129,24 +130,24 @@ def choices() -> list:
     return sorted({c.name for c in REGISTRY.values()} | set(presets))
 
 
-def units(split: Split, need: Needs) -> list:
-    """The batch elements of a split: example indices, or (chosen, rejected) index pairs."""
+def units(split: Split, need: Needs) -> np.ndarray:
+    """The batch elements of a split: (U,) example indices, or (U, 2) (chosen, rejected) index pairs."""
     if need.paired:
         return split.pairs()
     if need.desirable_only:
-        return [i for i, e in enumerate(split.examples) if e.desirable]
-    return list(range(len(split)))
+        return np.flatnonzero(split.labels)
+    return np.arange(len(split))
 
 
 def check_data(name: str, need: Needs, split: Split, source: str, unpair_one: bool) -> None:
     """One clear line when the data cannot feed the loss."""
-    if need.paired and not split.pairs():
+    if need.paired and not len(split.pairs()):
         if unpair_one:
             raise UserError(f"loss={name} trains on preference pairs, but dataset.unpair=one keeps one completion "
                             "per prompt: set dataset.unpair=both")
         raise UserError(f"loss={name} needs preference pairs and {source} has none: use rows with 'prompt', "
                         "'chosen' and 'rejected', or set dataset.pair_by_prompt=true to pair each prompt's "
                         "desirable and undesirable completions")
-    if not units(split, need):
+    if not len(units(split, need)):
         raise UserError(f"loss={name} has nothing to train on in {source}"
                         + (" (it trains on desirable examples, and there are none)" if need.desirable_only else ""))
