@@ -50,10 +50,12 @@ def du(where: Path) -> list:
         lines.append(f"{key + '/' + d.name:<34}{len(shards):>8}{size(d) / 2**20:>10.1f}  {used}")
     temp, damaged = list(root.rglob("*.tmp-*")), list(root.rglob("*.corrupt-*"))
     lines.append(f"temp files: {len(temp)}, set-aside damaged shards: {len(damaged)} (kto-cache prune removes them)")
-    data = list((where / "data").glob("*.arrow")) + list((where / "data").glob("*.npy"))
+    data = [f for f in (where / "data").glob("*") if f.suffix in (".arrow", ".json", ".npy")]
     if data:
         lines.append(f"tokenised data: {sum(f.suffix == '.arrow' for f in data)} source(s), "
                      f"{sum(f.suffix == '.npy' for f in data)} KL-partner file(s), {sum(map(size, data)) / 2**20:.1f} MiB")
+    if (where / "arrow").is_dir():
+        lines.append(f"Arrow copies of Parquet files: {size(where / 'arrow') / 2**20:.1f} MiB")
     models = where / "models"
     if models.is_dir():
         for m in sorted(p for p in models.iterdir() if p.is_dir()):
@@ -95,8 +97,9 @@ def prune(where: Path, older_than_days=None, dry_run: bool = False) -> list:
             if now - last_used(d) > older_than_days * 86400 and not busy(d):
                 gone.append(d)
         # a run touches the tokenised files it maps (tables.open_table)
-        gone += [f for f in list(data.glob("*.arrow")) + list(data.glob("*.npy"))
-                 if now - f.stat().st_mtime > older_than_days * 86400]
+        old = [f for f in data.glob("*") if f.suffix in (".arrow", ".npy")
+               and now - f.stat().st_mtime > older_than_days * 86400]
+        gone += old + [f.with_suffix(".json") for f in old if f.with_suffix(".json").exists()]
     freed = sum(size(p) for p in gone)
     for p in gone if not dry_run else []:
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)

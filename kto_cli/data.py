@@ -174,11 +174,16 @@ def read_rows(spec: str, split: str) -> tuple:
         reader = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_table, ".csv": _read_table}
         return path, reader[Path(path).suffix.lower()](path)
     source = tables.hub_source(spec, split)
-    return source["name"], list(source["read"]()[1])
+    return source["name"], [(n, row) for n, row, _ in source["read"]()]
 
 
 def _read_jsonl(path: str) -> list:
-    rows = []
+    return [(n, row) for n, row, _ in iter_jsonl(path)]
+
+
+def iter_jsonl(path: str):
+    """(row number, row, byte offset of its line) of each non-blank line, as they stream past."""
+    offset = 0
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
             try:
@@ -187,10 +192,10 @@ def _read_jsonl(path: str) -> list:
                 raise UserError(f"{path}: row {n}: not valid UTF-8 (byte {e.start} of the line)") from None
             if line.strip():
                 try:
-                    rows.append((n, json.loads(line)))
+                    yield n, json.loads(line), offset
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}: row {n}: not valid JSON ({e.msg})") from None
-    return rows
+            offset += len(raw)
 
 
 def _read_json(path: str) -> list:
@@ -451,7 +456,7 @@ def subsample(labels: np.ndarray, desirable_fraction: float, undesirable_fractio
     keep = []
     for label, fraction in ((True, desirable_fraction), (False, undesirable_fraction)):
         idx = np.flatnonzero(labels == label).tolist()
-        keep += idx if fraction == 1.0 else rng.sample(idx, round(fraction * len(idx)))
+        keep += rng.sample(idx, round(fraction * len(idx)))
     return np.sort(np.asarray(keep, np.int64))
 
 

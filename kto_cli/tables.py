@@ -1,21 +1,22 @@
 """A data source's examples, tokenised once and kept on disk by content (Arrow, memory-mapped).
 
-The first run reads a source's rows (datasets' Arrow reader for local files of ARROW_MIN_BYTES or
-more, the plain reader for smaller ones), validates, renders and tokenises them in chunks, and
-writes one Arrow IPC file, batch by batch: KTO_CLI_CACHE/data/<key>.arrow (and <key>.json: the row
-count and the bad rows), where key hashes the file's bytes, the
-column map, the tokenizer (vocabulary, special tokens, chat template) and whether the template is
-used. A later run with the same key maps that file and reads no row: memory holds a few numbers per
-example (label, prompt key, lengths), the token ids stay in the mapping. Truncation is applied when
-a sequence is taken, so the lengths are not part of the key. Bad rows are kept in the file with
-their messages, so a cached run reports (or skips) the same rows as the first.
+The first run reads a source's rows as they stream past (JSON lines by Python's json, keeping each
+row's byte offset; large Parquet files through datasets' Arrow reader; other files by the plain
+reader), validates, renders and tokenises them a chunk at a time, and writes one Arrow IPC file,
+batch by batch: KTO_CLI_CACHE/data/<key>.arrow (and <key>.json: the row count and the bad rows),
+where key hashes the file's bytes, the column map, the tokenizer (vocabulary, special tokens, chat
+template) and whether the template is used. A later run with the same key maps that file and reads
+no row: memory holds a few numbers per example (label, prompt key, lengths), the token ids stay in
+the mapping. Truncation is applied when a sequence is taken, so the lengths are not part of the
+key. Bad rows are kept with their messages, so a cached run reports (or skips) the same rows as the
+first. A row is read back from its source only where its fields are wanted (a verifier's).
 """
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -26,11 +27,12 @@ from .files import atomic_write
 log = logging.getLogger("kto_cli")
 
 VERSION = 1  # of the table's layout and of how rows become tokens: a change makes new keys
-ARROW_MIN_BYTES = 1 << 20  # smaller files: datasets' set-up costs more than it saves
+ARROW_MIN_BYTES = 1 << 20  # smaller Parquet files: datasets' set-up costs more than it saves
 CHUNK = 4096  # rows per record batch
 SCHEMA = pa.schema([
     ("row", pa.int64()),  # the row's position in the source (0-based)
     ("line", pa.int64()),  # its number in messages ("row N")
+    ("offset", pa.int64()),  # where its line starts in a JSON-lines file (-1: other sources)
     ("desirable", pa.bool_()),
     ("paired", pa.bool_()),  # a side of a paired row (its pair is the row)
     ("prompt", pa.int64()),  # a hash of the prompt's text: equal prompts, equal keys
@@ -49,7 +51,8 @@ class Table:
         self.bad = {pos: (line, msg) for pos, line, msg in meta["bad"]}  # row position -> (line, message)
         self._rows, self._examples = rows, examples  # raw rows by position (lazy); in-memory Examples
         col = lambda c: arrow.column(c).to_numpy()  # noqa: E731  (copies a few numbers per example)
-        self.row, self.line, self.prompt, self.head = col("row"), col("line"), col("prompt"), col("head")
+        self.row, self.line, self.offset = col("row"), col("line"), col("offset")
+        self.prompt, self.head = col("prompt"), col("head")
         self.desirable, self.paired = col("desirable").astype(bool), col("paired").astype(bool)
         self._chunks, lengths = [], {"prompt_ids": [], "completion_ids": []}
         for batch in arrow.to_batches():
@@ -88,21 +91,19 @@ class Table:
             return self._examples[j]
         from .data import mapped, row_to_examples
         where, pos = self.where(j), int(self.row[j])
-        sides = row_to_examples(mapped(self._rows(pos), where, self.columns), where, pos)
+        sides = row_to_examples(mapped(self._rows(pos, int(self.offset[j])), where, self.columns), where, pos)
         return sides[0] if len(sides) == 1 or self.desirable[j] else sides[1]
 
 
 # ---------------------------------------------------------------- keys
 
-def file_digest(path: str) -> tuple:
-    """(sha256 of the file's bytes, its number of lines): one pass over it."""
-    h, lines, last = hashlib.sha256(), 0, b"\n"
+def file_digest(path: str) -> str:
+    """sha256 of the file's bytes."""
+    h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
-            lines += block.count(b"\n")
-            last = block[-1:]
-    return h.hexdigest(), lines + (last != b"\n")
+    return h.hexdigest()
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -186,52 +187,42 @@ def local_file(path: str) -> bool:
 
 
 def local_source(path: str) -> dict:
-    """A local file: its content key, and its rows read through datasets' Arrow reader when it is
-    large enough (the row position + 1 is then the row number), else by the plain reader."""
-    digest, lines = file_digest(path)
-    state = {}
+    """A local file: its content key and its rows, as (row number, row, byte offset). JSON lines are
+    parsed by Python's json as they stream past, each row's offset kept to read it back: exact values,
+    where Arrow's JSON reader would make "2024-01-15" a timestamp and a column of 4 and 4.5 floats.
+    A Parquet file of ARROW_MIN_BYTES or more goes through datasets' Arrow reader (memory-mapped, its
+    copy in KTO_CLI_CACHE/arrow/ keyed by the file's content); .json, .csv and small Parquet files through the plain reader."""
+    from .data import iter_jsonl, read_rows
+    digest, suffix, state = file_digest(path), Path(path).suffix.lower(), {}
 
-    def rows():
-        """The Arrow dataset, or else the plain reader's [(row number, row)]: read once."""
+    def dataset():
         if not state:
-            ds = arrow_dataset(path, lines) if os.path.getsize(path) >= ARROW_MIN_BYTES else None
-            if ds is None:
-                from .data import read_rows
+            large = suffix == ".parquet" and os.path.getsize(path) >= ARROW_MIN_BYTES
+            state["ds"] = arrow_dataset(path, digest) if large else None
+            if state["ds"] is None and suffix != ".jsonl":
                 state["plain"] = read_rows(path, "train")[1]
-            state["ds"] = ds
         return state["ds"]
 
     def read():
-        ds = rows()
-        return (len(ds), arrow_iter(ds)) if ds is not None else (len(state["plain"]), iter(state["plain"]))
+        if suffix == ".jsonl":
+            return iter_jsonl(path)
+        ds = dataset()
+        return arrow_iter(ds) if ds is not None else ((n, row, -1) for n, row in state["plain"])
 
-    def row(pos: int):
-        if "plain" in state:
-            return state["plain"][pos][1]
-        if Path(path).suffix.lower() == ".jsonl" and os.path.getsize(path) >= ARROW_MIN_BYTES:
-            return jsonl_row(path, pos, state)  # as the file holds it (Arrow may have made 4 into 4.0)
-        ds = rows()
+    def row(pos: int, offset: int):
+        if suffix == ".jsonl":
+            return jsonl_row(path, offset)
+        ds = dataset()
         return plain_row(ds[pos]) if ds is not None else state["plain"][pos][1]
 
-    return {"name": path, "content": f"file:{digest}:{Path(path).suffix.lower()}", "read": read, "rows": row}
+    return {"name": path, "content": f"file:{digest}:{suffix}", "read": read, "rows": row}
 
 
-def jsonl_row(path: str, pos: int, state: dict) -> dict:
-    """Row `pos` of a JSON-lines file (blank lines not counted), parsed from its own line; the
-    lines' starts are found once, in one pass."""
-    if "lines" not in state:
-        data = np.memmap(path, dtype=np.uint8, mode="r")
-        ends = np.flatnonzero(data == ord("\n"))
-        starts = np.concatenate([[0], ends + 1])
-        ends = np.concatenate([ends, [len(data)]])
-        keep = ends - starts > 8  # short lines are checked for blanks one by one
-        for k in np.flatnonzero(~keep).tolist():
-            keep[k] = bool(bytes(data[starts[k]:ends[k]]).strip())
-        state["lines"] = starts[keep], ends[keep]
-    start, end = int(state["lines"][0][pos]), int(state["lines"][1][pos])
+def jsonl_row(path: str, offset: int) -> Any:
+    """The row whose line starts at byte `offset` of a JSON-lines file."""
     with open(path, "rb") as f:
-        f.seek(start)
-        return json.loads(f.read(end - start))
+        f.seek(offset)
+        return json.loads(f.readline())
 
 
 def hub_source(spec: str, split: str) -> dict:
@@ -243,27 +234,23 @@ def hub_source(spec: str, split: str) -> dict:
         raise UserError(f"could not load dataset '{spec}' split '{split}': {str(e).splitlines()[0] if str(e) else e!r} "
                         f"(no file of that name exists either; this machine may be offline)") from None
     return {"name": f"{spec}[{split}]", "content": f"hub:{spec}:{split}:{ds._fingerprint}",
-            "read": lambda: (len(ds), arrow_iter(ds)), "rows": lambda pos: plain_row(ds[pos])}
+            "read": lambda: arrow_iter(ds), "rows": lambda pos, offset: plain_row(ds[pos])}
 
 
-def arrow_dataset(path: str, lines: int):
-    """The file as a memory-mapped datasets.Dataset, or None where its rows would not keep their
-    numbers (blank lines in JSON lines) or Arrow cannot read it (bad JSON: the plain reader then
-    names the row)."""
+def arrow_dataset(path: str, digest: str):
+    """A Parquet file as a memory-mapped datasets.Dataset (None where datasets cannot read it: the
+    plain reader then says why). Its Arrow copy is kept under the file's content hash, so a file
+    replaced under the same name and modification time is not mistaken for the old one."""
     import datasets
+    from .models import cache_root
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-    suffix = Path(path).suffix.lower()
-    builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}[suffix]
-    extra = {"keep_default_na": False} if builder == "csv" else {}
     try:
-        ds = datasets.load_dataset(builder, data_files=path, split="train", **extra)
-    except Exception as e:  # noqa: BLE001  (any reader failure: the plain reader gives the row's error)
-        log.info("%s: read by the plain reader (Arrow: %s)", path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return datasets.load_dataset("parquet", data_files=path, split="train",
+                                     cache_dir=str(cache_root() / "arrow" / digest[:16]))
+    except Exception as e:  # noqa: BLE001  (any reader failure: the plain reader gives the error in one line)
+        log.info("%s: read by the plain reader (datasets: %s)", path, str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
-    if suffix == ".jsonl" and len(ds) != lines:
-        return None  # blank lines: the plain reader numbers rows by their line
-    return ds
 
 
 def arrow_iter(ds):
@@ -271,7 +258,7 @@ def arrow_iter(ds):
         batch = ds[start:start + CHUNK]
         names = list(batch)
         for k in range(len(batch[names[0]]) if names else 0):
-            yield start + k + 1, plain_row({c: batch[c][k] for c in names})
+            yield start + k + 1, plain_row({c: batch[c][k] for c in names}), -1
 
 
 def plain_row(row: dict) -> dict:
@@ -279,36 +266,35 @@ def plain_row(row: dict) -> dict:
     return {k: v for k, v in row.items() if v is not None}
 
 
-def build(read, name: str, columns: Optional[dict], tokenizer, use_chat_template: bool, emit: Callable) -> dict:
-    """Reads, validates, renders and tokenises a source's rows a chunk at a time, handing each
-    chunk's record batch to emit; returns the meta: the number of rows and the bad ones with their
-    messages."""
-    n_rows, rows = read
+def build(rows, name: str, columns: Optional[dict], tokenizer, use_chat_template: bool, emit: Callable) -> dict:
+    """Reads, validates, renders and tokenises a source's (row number, row, byte offset) a chunk at a
+    time, handing each chunk's record batch to emit; returns the meta: the number of rows and the
+    bad ones with their messages."""
     renderer = Renderer(tokenizer, use_chat_template)
     bad, pos = [], 0
     while True:
-        chunk = [(pos + k, line, row) for k, (line, row) in zip(range(CHUNK), rows)]
+        chunk = [(pos + k, line, row, offset) for k, (line, row, offset) in zip(range(CHUNK), rows)]
         if not chunk:
             break
         pos += len(chunk)
         batch, failed = tokenise_rows(chunk, name, columns, renderer, tokenizer)
         emit(batch)
         bad += failed
-    return {"rows": n_rows, "bad": bad}
+    return {"rows": pos, "bad": bad}
 
 
 def tokenise_rows(chunk: list, name: str, columns: Optional[dict], renderer, tokenizer) -> tuple:
-    """(record batch, [[position, line, message]] of bad rows) of [(position, line, row)]."""
+    """(record batch, [[position, line, message]] of bad rows) of [(position, line, row, offset)]."""
     from .data import mapped, row_to_examples
     examples, bad = [], []
-    for pos, line, row in chunk:
+    for pos, line, row, offset in chunk:
         where = f"{name}: row {line}"
         try:
             sides = row_to_examples(mapped(row, where, columns), where, pos)
-            examples.append((pos, line, sides, [renderer(e) for e in sides]))
+            examples.append((pos, line, offset, sides, [renderer(e) for e in sides]))
         except UserError as e:
             bad.append([pos, line, relative(str(e), where)])
-    flat = [(pos, line, e, r) for pos, line, sides, rendered in examples for e, r in zip(sides, rendered)]
+    flat = [(pos, line, offset, e, r) for pos, line, offset, sides, rendered in examples for e, r in zip(sides, rendered)]
     batch, empty = tokenise(flat, tokenizer)
     for pos, line in sorted(empty):
         bad.append([pos, line, "the completion has no tokens"])
@@ -317,7 +303,7 @@ def tokenise_rows(chunk: list, name: str, columns: Optional[dict], renderer, tok
 
 def tokenise(flat: list, tokenizer) -> tuple:
     """(record batch, {(position, line)} of rows with an empty completion) of
-    [(position, line, Example, rendered)]: rows with an empty completion are left out whole. Each
+    [(position, line, offset, Example, rendered)]: rows with an empty completion are left out whole. Each
     distinct prompt text is tokenised once (a pair's sides share theirs)."""
     from .data import header_tokens, prompt_key
     enc = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # noqa: E731
@@ -327,14 +313,14 @@ def tokenise(flat: list, tokenizer) -> tuple:
     heads = dict(zip(texts, header_tokens(tokenizer, texts, [heads_of[t] for t in texts], ids)))
     ids = dict(zip(texts, ids))
     completions = enc([r[1] for *_, r in flat])
-    empty = {(pos, line) for (pos, line, _, _), c in zip(flat, completions) if not c}
-    keep = [k for k, (pos, line, _, _) in enumerate(flat) if (pos, line) not in empty]
+    empty = {(pos, line) for (pos, line, *_), c in zip(flat, completions) if not c}
+    keep = [k for k, (pos, line, *_) in enumerate(flat) if (pos, line) not in empty]
     cols = {
-        "row": [flat[k][0] for k in keep], "line": [flat[k][1] for k in keep],
-        "desirable": [flat[k][2].desirable for k in keep], "paired": [flat[k][2].pair_id is not None for k in keep],
-        "prompt": [prompt_hash(prompt_key(flat[k][2].prompt)) for k in keep],
-        "head": [heads[flat[k][3][0]] for k in keep],
-        "prompt_ids": [ids[flat[k][3][0]] for k in keep], "completion_ids": [completions[k] for k in keep],
+        "row": [flat[k][0] for k in keep], "line": [flat[k][1] for k in keep], "offset": [flat[k][2] for k in keep],
+        "desirable": [flat[k][3].desirable for k in keep], "paired": [flat[k][3].pair_id is not None for k in keep],
+        "prompt": [prompt_hash(prompt_key(flat[k][3].prompt)) for k in keep],
+        "head": [heads[flat[k][4][0]] for k in keep],
+        "prompt_ids": [ids[flat[k][4][0]] for k in keep], "completion_ids": [completions[k] for k in keep],
     }
     return pa.record_batch([pa.array(cols[f.name], f.type) for f in SCHEMA], schema=SCHEMA), empty
 
@@ -408,7 +394,7 @@ def mapped_table(path: Path, name: str, key: str, rows: Callable, columns: Optio
 def table_of_examples(examples: list, tokenizer, use_chat_template: bool, name: str) -> Table:
     """A Table held in memory of Examples made in this run (online prompts, tests)."""
     renderer = Renderer(tokenizer, use_chat_template)
-    flat = [(k, k + 1, e, renderer(e)) for k, e in enumerate(examples)]
+    flat = [(k, k + 1, -1, e, renderer(e)) for k, e in enumerate(examples)]
     batch, empty = tokenise(flat, tokenizer)
     if empty:
         pos = min(empty)[0]

@@ -155,6 +155,13 @@ def test_a_held_out_row_is_read_back_as_the_file_holds_it(tmp_path, tiny_tok, mo
         assert {type(e.row["answer"]) for e in got} == {int, float}, attempt
 
 
+def test_json_lines_keep_their_values(tmp_path, tiny_tok):
+    """A date-like completion stays text (Arrow's JSON reader would make it a timestamp)."""
+    data = [{"prompt": f"When was release {i}?", "completion": f"2024-01-{i + 10}", "label": True} for i in range(9)]
+    train = build_splits(DatasetConfig(train=str(write_jsonl(tmp_path / "d.jsonl", data))), tiny_tok, True)[0]
+    assert [train.example(i).completion for i in range(len(train))] == [r["completion"] for r in data]
+
+
 def test_an_unwritable_cache_is_a_warning(tmp_path, tiny_tok, caplog):
     path = write_jsonl(tmp_path / "d.jsonl", rows(9))
     (tmp_path / "ro").write_text("a file where the cache folder would be")
@@ -204,3 +211,21 @@ def test_array_unpairing_and_pairing_equal_plain_loops(seed, tiny_tok):
     split.pair, split.labels = pair_by_prompt(keys, labels, pair), labels
     split.at = np.arange(n)
     assert split.pairs().tolist() == plain_pairs(keys.tolist(), labels.tolist(), pair.tolist())
+
+
+def test_kto_cache_shows_and_prunes_unused_data(tmp_path, tiny_tok, capsys):
+    import os
+    import time
+    from kto_cli import cachetool
+    path = write_jsonl(tmp_path / "d.jsonl", rows(9))
+    build_splits(DatasetConfig(train=str(path)), tiny_tok, True)
+    cache = tmp_path / "kto-cli-cache"
+    cachetool.main(["du", "--dir", str(cache)])
+    assert "tokenised data: 1 source(s)" in capsys.readouterr().out
+    cachetool.main(["prune", "--dir", str(cache), "--older-than", "1"])
+    assert len(list((cache / "data").glob("*"))) == 2  # used just now: kept
+    month = time.time() - 30 * 86400
+    for f in (cache / "data").glob("*.arrow"):
+        os.utime(f, (month, month))
+    cachetool.main(["prune", "--dir", str(cache), "--older-than", "1"])
+    assert not list((cache / "data").glob("*"))
