@@ -139,8 +139,9 @@ def changes(saved: dict, now: dict) -> list:
 
 def same_form(old, new) -> bool:
     """Whether two data digests can be compared: an earlier version hashed the token ids themselves
-    (the digests of its checkpoints have no form prefix), so its checkpoints resume uncompared."""
-    return old is None or new is None or old.split("-")[0] == new.split("-")[0]
+    into 16 hex digits, without the form prefix of today's (data.DIGEST_FORM), so its checkpoints
+    resume uncompared."""
+    return not (isinstance(old, str) and re.fullmatch(r"[0-9a-f]{16}", old) and "-" in str(new))
 
 
 def schema_default(key: str, fallback):
