@@ -51,8 +51,8 @@ class Table:
         self.bad = {pos: (line, msg) for pos, line, msg in meta["bad"]}  # row position -> (line, message)
         self._rows, self._examples = rows, examples  # raw rows by position (lazy); in-memory Examples
         col = lambda c: arrow.column(c).to_numpy()  # noqa: E731  (copies a few numbers per example)
-        self.row, self.line, self.offset = col("row"), col("line"), col("offset")
-        self.prompt, self.head = col("prompt"), col("head")
+        self.row, self.prompt, self.head = col("row"), col("prompt"), col("head")
+        self._line, self._offset = arrow.column("line"), arrow.column("offset")  # read per row, when wanted
         self.desirable, self.paired = col("desirable").astype(bool), col("paired").astype(bool)
         self._chunks, lengths = [], {"prompt_ids": [], "completion_ids": []}
         for batch in arrow.to_batches():
@@ -83,7 +83,7 @@ class Table:
         return self._ids(j, 1)
 
     def where(self, j: int) -> str:
-        return f"{self.name}: row {self.line[j]}"
+        return f"{self.name}: row {self._line[j].as_py()}"
 
     def example(self, j: int):
         """Example j with its texts and row, from the source's row (read on first use)."""
@@ -91,7 +91,7 @@ class Table:
             return self._examples[j]
         from .data import mapped, row_to_examples
         where, pos = self.where(j), int(self.row[j])
-        sides = row_to_examples(mapped(self._rows(pos, int(self.offset[j])), where, self.columns), where, pos)
+        sides = row_to_examples(mapped(self._rows(pos, self._offset[j].as_py()), where, self.columns), where, pos)
         return sides[0] if len(sides) == 1 or self.desirable[j] else sides[1]
 
 

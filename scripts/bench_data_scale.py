@@ -78,17 +78,19 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=Path("/tmp/kto-bench-data"))
     p.add_argument("--code", default="", help="a folder holding another kto_cli install (the 'before' side)")
     p.add_argument("--once", action="store_true", help="the first run only (code without a data cache)")
+    p.add_argument("--cached", action="store_true", help="the cached run only, on the caches an earlier run left")
     p.add_argument("--out", type=Path, default=None, help="append the results here as JSON lines")
     args = p.parse_args()
     args.data.mkdir(parents=True, exist_ok=True)
     for n in args.rows:
         data = make_rows(args.data / f"arith_{n}.jsonl", n)
         caches = args.data / f"caches_{n}"
-        shutil.rmtree(caches, ignore_errors=True)
-        (caches / "kto-cli").mkdir(parents=True)
-        (caches / "kto-cli" / "models").symlink_to(warm_model(args.data))
+        if not args.cached:
+            shutil.rmtree(caches, ignore_errors=True)
+            (caches / "kto-cli").mkdir(parents=True)
+            (caches / "kto-cli" / "models").symlink_to(warm_model(args.data))
         result = {"rows": n, "mb": round(data.stat().st_size / 2**20, 1), "code": args.code or "this checkout"}
-        for name in ("first", "cached")[: 1 if args.once else 2]:
+        for name in ("cached",) if args.cached else ("first", "cached")[: 1 if args.once else 2]:
             result[name] = run(data, args.data / f"run_{n}", caches, args.code)
         print(json.dumps(result), flush=True)
         if args.out:
