@@ -48,17 +48,19 @@ class Split:
 
     def __init__(self, tables: list, src, at, pair, max_length: int, max_prompt_length: int, kl_partner=None):
         self.tables, self.max_length, self.max_prompt_length = tables, max_length, max_prompt_length
-        self.src, self.at, self.pair = np.asarray(src, np.int64), np.asarray(at, np.int64), np.asarray(pair, np.int64)
+        self.src, self.at, self.pair = np.asarray(src, np.int16), np.asarray(at, np.int64), np.asarray(pair, np.int64)
         self.labels = self._gather("desirable")  # (N,) bool
         self.prompt = self._gather("prompt")  # (N,) int64 prompt keys
         self.head = self._gather("head")  # (N,) tokens of each prompt that truncation keeps
         self.prompt_len, self.completion_len = self._gather("prompt_len"), self._gather("completion_len")
         self.kl_partner = np.arange(len(self.at)) if kl_partner is None else np.asarray(kl_partner, np.int64)
-        self.extra = np.full(len(self.at), -1, np.int64)  # a token ending the prompt (control tokens); -1: none
+        self.extra = np.full(len(self.at), -1, np.int32)  # a token ending the prompt (control tokens); -1: none
 
     def _gather(self, field: str) -> np.ndarray:
         if len(self.tables) == 1:
-            return getattr(self.tables[0], field)[self.at]
+            values = getattr(self.tables[0], field)
+            whole = len(self.at) == len(values) and np.array_equal(self.at, np.arange(len(values)))
+            return values if whole else values[self.at]  # the whole table, in order: its arrays, not copies
         out = np.zeros(len(self.at), getattr(self.tables[0], field).dtype)
         for k, t in enumerate(self.tables):
             mine = self.src == k
@@ -124,7 +126,7 @@ class Split:
 
     def add_control_tokens(self, good_id: int, bad_id: Optional[int]) -> None:
         """Ends each prompt with good_id (desirable) or bad_id (undesirable); bad_id None: good_id for all."""
-        self.extra = np.where(self.labels | (bad_id is None), good_id, -1 if bad_id is None else bad_id)
+        self.extra = np.where(self.labels | (bad_id is None), good_id, -1 if bad_id is None else bad_id).astype(np.int32)
 
     def digest(self) -> str:
         """A hash of what the split trains on: which tokenised examples (the tables' content keys),

@@ -155,6 +155,18 @@ def test_a_held_out_row_is_read_back_as_the_file_holds_it(tmp_path, tiny_tok, mo
         assert {type(e.row["answer"]) for e in got} == {int, float}, attempt
 
 
+def test_a_damaged_entry_is_tokenised_again(tmp_path, tiny_tok, caplog):
+    path = write_jsonl(tmp_path / "d.jsonl", rows(9))
+    cfg = DatasetConfig(train=str(path))
+    fresh = view(build_splits(cfg, tiny_tok, True)[0])
+    entry = next((tmp_path / "kto-cli-cache" / "data").glob("*.arrow"))
+    entry.write_bytes(entry.read_bytes()[:100])  # cut short
+    with caplog.at_level(logging.WARNING, logger="kto_cli"):
+        again = view(build_splits(cfg, tiny_tok, True)[0])
+    assert "unreadable" in caplog.text and again == fresh
+    assert view(build_splits(cfg, tiny_tok, True)[0]) == fresh and entry.stat().st_size > 100  # written whole again
+
+
 def test_json_lines_keep_their_values(tmp_path, tiny_tok):
     """A date-like completion stays text (Arrow's JSON reader would make it a timestamp)."""
     data = [{"prompt": f"When was release {i}?", "completion": f"2024-01-{i + 10}", "label": True} for i in range(9)]
