@@ -395,29 +395,6 @@ def mapped(row: Any, where: str, columns: dict) -> Any:
     return csv_label(row, where.split(": row ")[0])
 
 
-def load_examples(spec: str, split: str, skip_bad_rows: bool, max_rows: Optional[int] = None,
-                  columns: Optional[dict] = None) -> tuple:
-    """(examples, number of bad rows skipped) of one source."""
-    return examples_from(labelled_rows(spec, split, max_rows, columns), skip_bad_rows)
-
-
-def examples_from(named_rows: tuple, skip_bad_rows: bool) -> tuple:
-    """(examples, number of bad rows skipped) from (display name, [(where, row, columns)]). Paired
-    rows give both of their examples."""
-    name, rows = named_rows
-    examples, skipped = [], 0
-    for pair_id, (where, row, columns) in enumerate(rows):
-        try:
-            examples.extend(row_to_examples(mapped(row, where, columns), where, pair_id))
-        except UserError:
-            if not skip_bad_rows:
-                raise
-            skipped += 1
-    if not examples:
-        raise UserError(f"{name}: no usable rows")
-    return examples, skipped
-
-
 def unpair_one(prompts: np.ndarray, seed: int) -> np.ndarray:
     """One y per x: of each prompt's completions (a pair's two sides, or several rows of one
     prompt) keeps one, desirable or undesirable, at random (seeded). Returns the kept indices."""

@@ -7,13 +7,24 @@ import pytest
 import torch
 
 from kto_cli.config import DatasetConfig, UnpairMode, UserError
-from kto_cli.data import (Example, build_splits, collate, hold_out, kl_partners, load_examples, render,
+from kto_cli.data import (Example, build_splits, collate, hold_out, kl_partners, open_source, render, source_split,
                           prompt_key, rotated_partners, row_to_examples, subsample, truncate, unpair_one)
 from kto_cli.tables import prompt_hash
 
 from conftest import write_jsonl
 
 PAIRS = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(10)]
+
+
+def load_examples(path, split: str, skip_bad_rows: bool, max_rows=None, columns=None) -> tuple:
+    """(examples, rows skipped) of one source, as training reads them: through its tokenised table
+    (kto_cli/tables.py), with the tiny tokenizer and its chat template."""
+    from kto_cli.config import Columns
+    from kto_cli.models import tiny_tokenizer
+    cfg = DatasetConfig(train=str(path), skip_bad_rows=skip_bad_rows, cache=False)
+    table = open_source(cfg, str(path), split, Columns(**(columns or {})), tiny_tokenizer(), True)
+    got, skipped = source_split(cfg, table, max_rows)
+    return [got.example(i) for i in range(len(got))], skipped
 
 
 def keys(examples: list) -> np.ndarray:
@@ -310,16 +321,19 @@ def test_columns_map_other_names_and_a_missing_one_is_one_line(tmp_path):
         load_examples(path, "train", skip_bad_rows=False, columns={**columns, "prompt": "text"})
 
 
-def test_a_mix_keeps_its_proportions_without_repeating_a_row_seeded(tmp_path):
+def test_a_mix_keeps_its_proportions_without_repeating_a_row_seeded(tmp_path, tiny_tok):
     from kto_cli.config import Columns, MixSource
-    from kto_cli.data import examples_from, training_rows
+    from kto_cli.data import training_rows, training_split
     a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "completion": "x", "label": True} for i in range(100)])
     b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "completion": "x", "label": False} for i in range(30)])
 
     def mix(seed=0, max_rows=None, wa=0.7, wb=0.3):
         cfg = DatasetConfig(train="unused", seed=seed, max_train_rows=max_rows,
                             mix=[MixSource(source=str(a), weight=wa), MixSource(source=str(b), weight=wb)])
-        return [row["prompt"] for _, row, _ in training_rows(cfg)[1]]
+        rows = [row["prompt"] for _, row, _ in training_rows(cfg)[1]]  # online prompts' path
+        split = training_split(cfg, tiny_tok, True)[0]  # training's path
+        assert [split.example(i).prompt for i in range(len(split))] == rows
+        return rows
     rows = mix()  # b's 30 rows are 30%: 100 rows in all, 70 of a's 100
     assert sum(r.startswith("a") for r in rows) == 70 and sum(r.startswith("b") for r in rows) == 30
     assert len(set(rows)) == 100 and mix() == rows and mix(seed=1) != rows
@@ -330,12 +344,15 @@ def test_a_mix_keeps_its_proportions_without_repeating_a_row_seeded(tmp_path):
     q = write_jsonl(tmp_path / "q.jsonl", [{"question": f"q{i}", "answer": "x", "good": True} for i in range(10)])
     cfg = DatasetConfig(train="unused", mix=[MixSource(source=str(a)), MixSource(source=str(q), columns=Columns(
         prompt="question", completion="answer", label="good"))])  # each source its own column names
-    ex, _ = examples_from(training_rows(cfg), skip_bad_rows=False)
+    split = training_split(cfg, tiny_tok, True)[0]  # as training reads them: through the tokenised tables
+    ex = [split.example(i) for i in range(len(split))]
     assert sorted({e.prompt[0] for e in ex}) == ["a", "q"] and len(ex) == 20
+    assert {e.row["prompt"][:1] for e in ex[:10]} | {e.row["question"][:1] for e in ex[10:]} == {"a", "q"}
     (tmp_path / "empty.jsonl").write_text("")
     cfg = DatasetConfig(train="unused", mix=[MixSource(source=str(a)), MixSource(source=str(tmp_path / "empty.jsonl"))])
-    with pytest.raises(UserError, match=r"dataset.mix: no rows to train on \(0 of 100 rows of .*a.jsonl; 0 of 0 rows"):
-        training_rows(cfg)
+    for path in (training_rows, lambda c: training_split(c, tiny_tok, True)):
+        with pytest.raises(UserError, match=r"dataset.mix: no rows to train on \(0 of 100 rows of .*a.jsonl; 0 of 0 rows"):
+            path(cfg)
 
 
 def test_a_renamed_csv_label_column_is_read_as_truth_values(tmp_path):
