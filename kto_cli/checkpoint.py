@@ -24,7 +24,8 @@ FREE_TO_CHANGE = ("trainer.resume", "trainer.progress", "trainer.log_every", "tr
                   "trainer.eval_every", "trainer.eval_batch_size", "trainer.threads", "trainer.device",
                   "trainer.final_checkpoint", "trainer.max_bad_steps", "trainer.keep_checkpoints",
                   "trainer.micro_batch_size", "trainer.gradient_checkpointing", "trainer.shared_prompt",
-                  "trainer.packing", "trainer.pack_length", "model.attn_implementation", "reference.", "eval.",
+                  "trainer.attention_blocks", "trainer.kl_prefix", "trainer.packing", "trainer.pack_length",
+                  "model.attn_implementation", "reference.", "eval.",
                   "deepspeed.timeout_s", "deepspeed.overlap_comm", "deepspeed.reduce_bucket_size",
                   "verifier.timeout_s", "online.eval_each_round", "logger.",
                   "dataset.cache", "dataset.cache_dir")

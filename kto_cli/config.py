@@ -182,6 +182,13 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     # KTO: run each example and its KL sequence as one row sharing the prompt (same numbers, less work)
     shared_prompt: bool = True
+    # Shared-prompt and packed rows of at least this many tokens under sdpa attention: computed by
+    # blocks (per group, no (L, L) mask); shorter ones through one dense (B, 1, L, L) mask, which is
+    # cheaper there; null: always the mask (the plain form, for comparison); 0: always blocks
+    attention_blocks: Optional[int] = 512
+    # KTO: each KL sequence runs on its prompt's cached keys and values, without gradient (the prompt
+    # computed once, the KL tokens kept out of the backward); false: in the example's row
+    kl_prefix: bool = True
     # Batch units of similar length together (less padding); the order stays seeded and resumable.
     group_by_length: bool = False
     # Padding-free batches: several sequences share a row, each attending only to itself, with its
@@ -444,6 +451,8 @@ def check_numbers(run: RunConfig) -> None:
     for key in ("adam_beta1", "adam_beta2"):
         _check(0 <= getattr(t, key) < 1, f"trainer.{key} must be in [0, 1), got {getattr(t, key)}")
     _check(t.weight_decay >= 0, f"trainer.weight_decay must be 0 or positive, got {t.weight_decay}")
+    _check(t.attention_blocks is None or t.attention_blocks >= 0,
+           f"trainer.attention_blocks must be 0 (always), a row length or null (never), got {t.attention_blocks}")
     lora = run.model.lora
     _check(lora.r >= 0, f"model.lora.r must be 0 (off) or positive, got {lora.r}")
     _check(lora.alpha > 0, f"model.lora.alpha must be positive, got {lora.alpha}")

@@ -6,15 +6,19 @@ no float32 log-softmax over the vocabulary is materialised for the whole batch. 
 post-process their logits (soft-capping, scaling) get the same post-processing here
 (`logit_transform`); `model.sparse_head=false` runs the model's own full forward instead.
 
-Rows that share a prompt or pack several sequences (`packed_batch`) pass a 4D mask, which
-transformers hands to the attention kernel unchanged: `attention_mask_for` gives each kernel the
-form it reads (boolean for sdpa, additive for eager, a BlockMask for flex attention).
+Rows that share a prompt or pack several sequences (`packed_batch`) are described by per-token
+group and branch ids and per-row block offsets; `attention_inputs` gives each kernel the form it
+reads (attention.py: blocks for sdpa, a BlockMask for flex attention, an additive mask for eager,
+restarting positions for flash attention).
 """
 import contextlib
+from itertools import accumulate
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+
+from . import attention
 
 # Attention kernels that read a custom 4D mask (shared-prompt and packed rows).
 MASKED_KERNELS = ("sdpa", "eager", "flex_attention")
@@ -26,11 +30,14 @@ class Layout:
     (shared_prompt), several groups per row up to `capacity` tokens (packing; 0: the batch's longest
     group; None: off), whether the LM head runs only at completion positions (the default) or
     everywhere, and how many rows of hidden states go through it at once (0: all in one call, as
-    ZeRO-3 needs: there the number of calls must not depend on a rank's data)."""
+    ZeRO-3 needs: there the number of calls must not depend on a rank's data), and whether sdpa
+    models compute those rows' attention by blocks (no (L, L) mask, attention.py)."""
     shared_prompt: bool = True
     capacity: Optional[int] = None
     full_logits: bool = False
     head_chunk: int = 1024
+    blocks: Optional[int] = attention.BLOCKS_FROM  # sdpa: rows this long by blocks, not a dense mask (None: never)
+    kl_prefix: bool = False  # KTO: KL sequences continue their prompt's cached keys and values (prefix_logps)
 
 
 @dataclass(frozen=True)
@@ -92,22 +99,10 @@ def head_logps(head, hidden: torch.Tensor, labels: torch.Tensor, transform: tupl
     return torch.cat(parts)
 
 
-def attention_mask_for(model, mask: torch.Tensor):
-    """A (B, 1, L, L) boolean mask (True: may attend) in the form the model's attention kernel
-    reads: transformers passes 4D masks through as they are, and eager attention (and flex's
-    score_mod) *adds* the mask to the scores, so a boolean one would add 0/1 instead of -inf."""
-    kernel = attention_kernel(model)
-    if kernel == "sdpa":
-        return mask
-    if kernel == "eager":
-        dtype = next(model.parameters()).dtype
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    if kernel == "flex_attention":
-        from torch.nn.attention.flex_attention import create_block_mask
-        dense = mask[:, 0]  # (B, L, L)
-        return create_block_mask(lambda b, h, q, kv: dense[b, q, kv], dense.shape[0], None, dense.shape[1],
-                                 dense.shape[2], device=mask.device)
-    raise ValueError(f"attention kernel {kernel!r} cannot read a custom 4D mask")
+def attention_inputs(model, packed: dict, layout: "Layout") -> dict:
+    """The forward's attention_mask, position_ids (and blocks) for a packed batch, in the form the
+    model's attention kernel reads (attention.kernel_inputs)."""
+    return attention.kernel_inputs(attention_kernel(model), next(model.parameters()).dtype, packed, layout.blocks)
 
 
 def attention_kernel(model) -> str:
@@ -127,12 +122,16 @@ def sliding_window(config) -> Optional[int]:
     return int(window)
 
 
-def layout_problem(model, max_length: int) -> Optional[str]:
-    """Why rows with a custom 4D mask (shared prompts, packing) would not give a plain forward's
-    numbers for this model, or None when they do."""
+def layout_problem(model, max_length: int, shared: bool = True) -> Optional[str]:
+    """Why rows laid out by packed_batch would not give a plain forward's numbers for this model,
+    or None when they do: shared-prompt rows (shared) or packed rows of one completion per group
+    (flash attention's variable-length path takes those, sliding window included)."""
     kernel = attention_kernel(model)
+    if kernel.startswith("flash_attention") and not shared:
+        return None
     if kernel not in MASKED_KERNELS:
-        return f"attention kernel {kernel} reads no custom 4D mask"
+        return f"attention kernel {kernel} reads no custom 4D mask" + (" (it can pack rows without shared prompts)"
+                                                                     if kernel.startswith("flash_attention") else "")
     window = sliding_window(model.config)
     if window is not None and window < max_length:
         return (f"its sliding attention window ({window} tokens) is shorter than dataset.max_length={max_length}, "
@@ -144,13 +143,23 @@ def _token_logps(model, inputs: dict, rows: torch.Tensor, cols: torch.Tensor, la
                  layout: Layout, want_hidden: bool = False) -> tuple:
     """(log-probs (N,) of labels predicted at positions (rows, cols), the hidden states there or
     None). The sparse path runs the LM head at those positions only."""
+    full = layout.full_logits or model.get_output_embeddings() is None
+    states, head, transform, out = _states(model, {**inputs, "output_hidden_states": want_hidden and full}, layout)
+    h = states[rows, cols]  # (N, H) hidden states, or (N, V) logits on the full path
+    logps = head_logps(head, h, labels, transform, layout.head_chunk)
+    if full:
+        h = out.hidden_states[-1][rows, cols] if want_hidden else None
+    return logps, h
+
+
+def _states(model, inputs: dict, layout: Layout) -> tuple:
+    """(what the head reads (B, T, H or V), head, transform, model output): hidden states and the
+    LM head on the sparse path, else the model's own logits and the identity."""
     if not layout.full_logits and model.get_output_embeddings() is not None:
-        h = model.base_model(**inputs).last_hidden_state[rows, cols]  # (N, H)
-        head = model.get_output_embeddings()
-        return head_logps(head, h, labels, logit_transform(model.config), layout.head_chunk), h
-    out = model(**inputs, output_hidden_states=want_hidden)
-    h = out.hidden_states[-1][rows, cols] if want_hidden else None
-    return head_logps(lambda x: x, out.logits[rows, cols], labels, chunk=layout.head_chunk), h
+        out = model.base_model(**inputs)
+        return out.last_hidden_state, model.get_output_embeddings(), logit_transform(model.config), out
+    out = model(**inputs)
+    return out.logits, (lambda x: x), (1.0, None), out
 
 
 def completion_logps(model, batch: dict, per_token: bool = False, hidden: bool = False,
@@ -160,7 +169,7 @@ def completion_logps(model, batch: dict, per_token: bool = False, hidden: bool =
     targets = completion_mask[:, 1:]  # (B, T-1): position t predicts token t+1
     rows, cols = targets.nonzero(as_tuple=True)  # (N,), (N,)
     labels = input_ids[rows, cols + 1]  # (N,)
-    inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"]}
+    inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"], "use_cache": False}
     token_logps, h = _token_logps(model, inputs, rows, cols, labels, layout, want_hidden=hidden)
     B = input_ids.shape[0]
     seq = torch.zeros(B, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)  # (B,)
@@ -182,6 +191,110 @@ def completion_logps_and_values(model, batch: dict, value_head, layout: Layout =
     lp = completion_logps(model, batch, per_token=True, hidden=True, layout=layout)
     lp.values = value_head(lp.hidden.float()).squeeze(-1)  # (B, L)
     return lp
+
+
+def prefix_batch(sequences: list, continuations: list, pad_id: int) -> dict:
+    """A collated batch of (prompt, completion) rows plus, per row, a continuation that follows the
+    same prompt instead (KTO's KL completion), for prefix_logps: kl_ids (B, K) right-padded,
+    kl_lengths and prompt_lengths (B,), and kl_batch, the (prompt, continuation) rows collated
+    apart (used where the model returns no cache)."""
+    from .data import collate
+    batch = collate(sequences, pad_id)
+    K = max(map(len, continuations))
+    kl_ids = torch.full((len(sequences), K), pad_id, dtype=torch.long)  # (B, K)
+    for b, k in enumerate(continuations):
+        kl_ids[b, :len(k)] = torch.tensor(k, dtype=torch.long)
+    return {**batch, "kl_ids": kl_ids, "kl_lengths": torch.tensor([len(k) for k in continuations]),
+            "prompt_lengths": torch.tensor([len(p) for p, _ in sequences]),
+            "kl_batch": collate([(p, k) for (p, _), k in zip(sequences, continuations)], pad_id)}
+
+
+def cache_kwarg(model) -> str:
+    """The forward's name for a key/value cache: `cache` in transformers 5, `past_key_values` before."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+
+
+def prefix_logps(model, batch: dict, layout: Layout = Layout()) -> tuple:
+    """(Logps of the batch's completions, (B,) summed log-probs of its continuations, without
+    gradient), the prompt computed once for both: the rows run with gradient and keep their keys
+    and values; each continuation then runs on its prompt's cached ones (cropped to the prompt,
+    the rest hidden by the mask), its positions continuing the prompt's. Work: the continuation's
+    tokens once, without gradient, where a shared row would carry them through the backward and
+    separate rows would compute the prompt twice. Under gradient checkpointing the rows' forward
+    runs again in the backward and the cache hands it its own keys. A model whose forward takes
+    no cache gets the continuations as separate rows."""
+    input_ids, targets = batch["input_ids"], batch["completion_mask"][:, 1:]  # (B, T), (B, T-1)
+    rows, cols = targets.nonzero(as_tuple=True)  # (N,)
+    inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"], "use_cache": True}
+    keep = int(batch["prompt_lengths"].max())
+    ours = prefix_cache(model, keep)
+    states, head, transform, out = _states(model, {**inputs, **ours}, layout)
+    # ours (gradient checkpointing makes transformers return none), else transformers' own (5 / 4)
+    cache = next(iter(ours.values()), None) or getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    with torch.no_grad():  # before the rows' LM head, so its temporaries and the head's never coexist
+        if cache is not None and cache.get_seq_length() > 0:
+            kl = _continuation_logps(model, batch, states, cache, layout)
+        else:
+            kl = completion_logps(model, batch["kl_batch"], layout=layout).seq
+    token_logps = head_logps(head, states[rows, cols], input_ids[rows, cols + 1], transform, layout.head_chunk)
+    B = input_ids.shape[0]
+    seq = torch.zeros(B, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)  # (B,)
+    return Logps(seq=seq, lengths=targets.sum(1)), kl
+
+
+def prefix_cache(model, keep: int) -> dict:
+    """A key/value cache for prefix_logps' rows that keeps a detached copy of the first `keep`
+    positions (the longest prompt) and nothing of the completions, where transformers' own cache
+    would keep every position (and keys that a grouped-query model's backward does not hold);
+    its continuations' keys are returned, not kept. {} where transformers has no cache layers to
+    build it from (its default cache is used, cropped later)."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:
+        return {}
+
+    class PromptLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self.keys = key_states[..., :keep, :].detach().clone()  # (B, H, keep, D)
+                self.values = value_states[..., :keep, :].detach().clone()
+            elif cache.continuing:
+                return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
+            # the rows' forward (again when gradient checkpointing recomputes it in the backward)
+            return key_states, value_states
+
+    cache = DynamicCache()
+    if not hasattr(cache, "layer_class_to_replicate"):
+        return {}
+    cache.layer_class_to_replicate, cache.continuing = PromptLayer, False
+    return {cache_kwarg(model): cache}
+
+
+def _continuation_logps(model, batch: dict, states: torch.Tensor, cache, layout: Layout) -> torch.Tensor:
+    """prefix_logps' continuations on the prompts' cached keys and values. (B,)"""
+    P, K, ids = batch["prompt_lengths"], batch["kl_lengths"], batch["kl_ids"]  # (B,), (B,), (B, Kmax)
+    B, Kmax = ids.shape
+    Pmax = int(P.max())
+    if cache.get_seq_length() > Pmax:  # transformers' own cache (prefix_cache keeps the prompts only)
+        cache.crop(Pmax - cache.get_seq_length())  # negative: tokens to drop from the end
+    arange = lambda n: torch.arange(n, device=ids.device)[None]  # noqa: E731  (1, n)
+    mask = torch.cat([arange(Pmax) < P[:, None], arange(Kmax) < K[:, None]], 1).long()  # (B, Pmax + Kmax)
+    cache.continuing = True  # prefix_cache's layers: return the prompt's keys and these, keep nothing
+    try:
+        kl_states, head, transform, _ = _states(model, {"input_ids": ids, "attention_mask": mask, cache_kwarg(model): cache,
+                                                        "position_ids": P[:, None] + arange(Kmax), "use_cache": True}, layout)
+    finally:
+        cache.continuing = False
+    # token 0 is predicted at the prompt's last position (the rows' forward), token t at t - 1 here
+    first = ((P > 0) & (K > 0)).nonzero(as_tuple=True)[0]  # (F,)
+    r, c = (arange(Kmax - 1) < (K[:, None] - 1)).nonzero(as_tuple=True)  # (N,): tokens 1.. of each continuation
+    scored = torch.cat([states[first, P[first] - 1], kl_states[r, c]])  # (F + N, H)
+    labels = torch.cat([ids[first, 0], ids[r, c + 1]])
+    # small chunks: this runs while the rows' graph is held (but one call under ZeRO-3, chunk 0)
+    logps = head_logps(head, scored, labels, transform, layout.head_chunk and min(layout.head_chunk, 256))  # (F + N,)
+    return torch.zeros(B, dtype=torch.float32, device=ids.device).index_add(0, torch.cat([first, r]), logps)
 
 
 @torch.no_grad()
@@ -251,7 +364,9 @@ def _logps_by_prompt(call, sequences: list, run: Runner, progress, stats) -> tup
 
 
 def to_device(packed: dict, device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in packed.items()}
+    """The dict's tensors (nested dicts' too) on device; other values as they are."""
+    move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else to_device(v, device) if isinstance(v, dict) else v  # noqa: E731
+    return {k: move(v) for k, v in packed.items()}
 
 
 def pack_rows(sizes: list, capacity: Optional[int]) -> list:
@@ -276,7 +391,8 @@ def packed_batch(groups: list, pad_id: int, capacity: Optional[int] = None) -> d
     sees P and itself but no other completion and continues P's positions: the prompt is computed
     once for all its completions (KTO's example and KL sequence, a pair's chosen and rejected).
     With a capacity, several groups share a row, each seeing only itself (padding-free batches,
-    pack_rows). The attention mask is 4D, (B, 1, L, L), True where a query may attend."""
+    pack_rows). Who attends to whom is given by segment and branch (B, L) ids and the per-row
+    blocks; attention.dense_mask turns them into the (B, 1, L, L) mask they stand for."""
     sizes = [len(p) + sum(map(len, cs)) for p, cs in groups]
     layout = pack_rows(sizes, capacity)
     B, L = len(layout), max(sum(sizes[g] for g in row) for row in layout)
@@ -285,8 +401,11 @@ def packed_batch(groups: list, pad_id: int, capacity: Optional[int] = None) -> d
     segment = torch.full((B, L), -1, dtype=torch.long)  # (B, L) group within its row, -1 on padding
     branch = torch.zeros((B, L), dtype=torch.long)  # (B, L) 0 on prompts, j + 1 on completion j
     targets = [([], [], [], []) for _ in range(max(len(cs) for _, cs in groups))]  # group, row, position, label
+    blocks = []
     for b, row in enumerate(layout):
         at = 0
+        blocks.append(tuple((at_g, len(groups[g][0]), tuple(map(len, groups[g][1])))
+                            for at_g, g in zip(accumulate([0, *(sizes[g] for g in row)]), row)))
         for s, g in enumerate(row):
             p, cs = groups[g]
             input_ids[b, at:at + sizes[g]] = torch.tensor(p + [t for c in cs for t in c], dtype=torch.long)
@@ -303,12 +422,9 @@ def packed_batch(groups: list, pad_id: int, capacity: Optional[int] = None) -> d
                     target.extend(values)
                 start += len(c)
             at += sizes[g]
-    causal = torch.ones(L, L, dtype=torch.bool).tril()  # (L, L)
-    same_group = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)  # (B, L, L)
-    visible = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])  # (B, L, L)
-    mask = (causal & same_group & visible) | torch.eye(L, dtype=torch.bool)  # padding sees itself only
     as_t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    return {"input_ids": input_ids, "position_ids": position_ids, "mask": mask[:, None], "groups": len(groups),
+    return {"input_ids": input_ids, "position_ids": position_ids, "segment": segment, "branch": branch,
+            "blocks": attention.Blocks(tuple(blocks)), "groups": len(groups),
             "targets": [tuple(as_t(x) for x in t) for t in targets],
             "slot_tokens": [sum(len(p) + len(cs[j]) for p, cs in groups if j < len(cs) and cs[j]) for j in range(len(targets))]}
 
@@ -319,16 +435,10 @@ def packed_logps(model, packed: dict, grad_slots: tuple = (0,), layout: Layout =
     and once for those without, whatever the number of slots (ZeRO-3 needs the same calls on every
     rank)."""
     device = packed["input_ids"].device
-    inputs = {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"],
-              "attention_mask": attention_mask_for(model, packed["mask"])}
+    inputs = {"input_ids": packed["input_ids"], "use_cache": False, **attention_inputs(model, packed, layout)}
     G = packed["groups"]
     targets = [tuple(x.to(device) for x in t) for t in packed["targets"]]  # per slot: group, row, position, label
-    if layout.full_logits or model.get_output_embeddings() is None:
-        logits = model(**inputs).logits  # (B, L, V)
-        head, transform, hidden = (lambda x: x), (1.0, None), logits
-    else:
-        hidden = model.base_model(**inputs).last_hidden_state  # (B, L, H)
-        head, transform = model.get_output_embeddings(), logit_transform(model.config)
+    hidden, head, transform, _ = _states(model, inputs, layout)  # (B, L, H), or (B, L, V) logits
     logps = [None] * len(targets)
     for with_grad in (True, False):
         slots = [j for j in range(len(targets)) if (j in grad_slots) == with_grad]
@@ -368,6 +478,11 @@ def layout_logps(model, groups: list, pad_id: int, layout: Layout) -> torch.Tens
     """Log-probs of every (prompt, completion) of groups [(prompt, [completions])], in order,
     computed the way training computes them under `layout`. (N,)"""
     from .data import collate
+    if layout.kl_prefix and all(len(cs) == 2 for _, cs in groups):
+        batch = to_device(prefix_batch([(p, cs[0]) for p, cs in groups], [cs[1] for _, cs in groups], pad_id),
+                          model.device)
+        main, kl = prefix_logps(model, batch, layout)
+        return torch.stack([main.seq, kl], 1).flatten()  # each group's two in order
     if not layout.shared_prompt and layout.capacity is None:
         seqs = [(p, c) for p, cs in groups for c in cs]
         batch = {k: v.to(model.device) for k, v in collate(seqs, pad_id).items()}

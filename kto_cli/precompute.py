@@ -30,7 +30,8 @@ def precompute(cfg: RunConfig) -> dict:
         tr.device = torch.device("cuda", local_rank)  # one GPU per process on a node
     cache = open_cache(cfg, tr.tokenizer)
     run = Runner(tr.pad_id, tr.device, tr.autocast, cfg.reference.batch_size,
-                 layout=Layout(cfg.trainer.shared_prompt, full_logits=not cfg.model.sparse_head))
+                 layout=Layout(cfg.trainer.shared_prompt, full_logits=not cfg.model.sparse_head,
+                               blocks=cfg.trainer.attention_blocks))
     _, report = reference_mod.reference_pass(lambda: reference_model(cfg, tr), used, tr.kl_splits(), tr.need.per_token,
                                              cache, run, tr.show_progress, shard=(rank, world))
     print(f"kto-precompute: {report['reused']} values already cached, {report['computed']} computed "

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from . import distributed as dist
-from . import logprobs, objectives
+from . import attention, logprobs, objectives
 from . import reference as reference_mod
 from .backend import DeepSpeedBackend, Policy, TorchBackend, accumulation, ds_config
 from .checkpoint import (Diverged, checkpoints, export_final, latest_checkpoint, load_checkpoint, read_state,
@@ -31,7 +31,7 @@ from .data import build_splits, collate
 from .evaluate import GenerationEval, examples_at, keep_samples, read_samples
 from .files import atomic_write
 from .logprobs import (Layout, Logps, Runner, completion_logps, completion_logps_and_values, packed_batch,
-                       logps_of, packed_logps, to_device)
+                       logps_of, packed_logps, prefix_batch, prefix_logps, to_device)
 from .losses import kl_estimate
 from .metrics import MetricSums, MetricsLog, pair_accuracy, peak_gpu_mb, peak_rss_mb, print_summary
 from .trackers import Trackers
@@ -149,15 +149,27 @@ class Trainer:
             raise UserError("model.attn_implementation=flex_attention: PyTorch has no flex-attention backward on "
                             "CPU; train with sdpa or eager there (kto-precompute accepts flex_attention)")
         problem = logprobs.layout_problem(self.model, self.cfg.dataset.max_length)
-        if problem and t.packing:
-            raise UserError(f"trainer.packing=true needs a custom attention mask, but for this model {problem}: "
+        pack_problem = logprobs.layout_problem(self.model, self.cfg.dataset.max_length, shared=False)
+        if pack_problem and t.packing:
+            raise UserError(f"trainer.packing=true needs a custom attention mask, but for this model {pack_problem}: "
                             "set trainer.packing=false")
-        if problem and t.shared_prompt and (self.need.kl or self.need.paired or self.need.reference):
+        # KTO's KL sequence on its prompt's cache needs only a padding mask: flash attention (which
+        # applies sliding windows itself) takes it where it takes no shared-prompt row
+        prefix = t.shared_prompt and t.kl_prefix and self.need.kl and not self.need.paired and not t.packing \
+            and (not problem or kernel.startswith("flash_attention"))
+        if problem and t.shared_prompt and not prefix and (self.need.kl or self.need.paired or self.need.reference):
             log.info("trainer.shared_prompt: separate rows instead, since for this model %s", problem)
         # row capacity of packed batches: 0 = the micro-batch's longest sequence group; None = one per row
-        return Layout(shared_prompt=t.shared_prompt and not problem,
-                      capacity=(t.pack_length or 0) if t.packing else None, full_logits=not m.sparse_head,
-                      head_chunk=0 if self.cfg.deepspeed.stage == 3 else Layout.head_chunk)
+        layout = Layout(shared_prompt=t.shared_prompt and (not problem or prefix),
+                        capacity=(t.pack_length or 0) if t.packing else None, full_logits=not m.sparse_head,
+                        head_chunk=0 if self.cfg.deepspeed.stage == 3 else Layout.head_chunk,
+                        blocks=t.attention_blocks, kl_prefix=prefix)
+        if layout.kl_prefix:
+            log.info("rows: each example's KL sequence continues its prompt's cached keys and values")
+        elif layout.shared_prompt or layout.capacity is not None:
+            log.info("rows: %s%s, attention by %s", "shared prompts" if layout.shared_prompt else "separate",
+                     ", packed" if layout.capacity is not None else "", attention.form(kernel, layout.blocks))
+        return layout
 
     def check_layout(self) -> None:
         """The start-up self-check: on this rank's first micro-batch, the log-probs training computes
@@ -356,15 +368,21 @@ class Trainer:
 
     def shared_forward(self, name: str, idx: list) -> tuple:
         """One forward for two sequences per unit, sharing their prompt's computation
-        (logprobs.packed_batch): KTO's example + KL sequence (the KL one without gradient), or a
-        pair's chosen + rejected (truncation keeps a prompt's tokens the same for all its
-        completions). Returns (Logps of idx in order, KL log-probs or None, tokens)."""
+        (logprobs.packed_batch): KTO's example + KL sequence (the KL one without gradient; by default
+        on the prompt's cached keys and values, logprobs.prefix_logps), or a pair's chosen + rejected
+        (truncation keeps a prompt's tokens the same for all its completions). Returns (Logps of idx
+        in order, KL log-probs or None, tokens)."""
         split, paired = self.splits[name], self.need.paired
         if paired:
             P = len(idx) // 2
             units = [(split.sequence(c), split.sequence(r)) for c, r in zip(idx[:P], idx[P:])]
         else:
             units = [(split.sequence(i), split.kl_sequence(i)) for i in idx]
+        if self.layout.kl_prefix:
+            batch = to_device(prefix_batch([a for a, _ in units], [b[1] for _, b in units], self.pad_id), self.device)
+            with self.autocast():
+                lp, kl = self.backend(prefix_logps, batch, layout=self.layout)
+            return lp, kl, int(batch["attention_mask"].sum())
         packed = to_device(packed_batch([(a[0], [a[1], b[1]]) for a, b in units], self.pad_id, self.layout.capacity),
                            self.device)
         with self.autocast():

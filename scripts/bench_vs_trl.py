@@ -130,6 +130,7 @@ def run_bare(model_name: str, steps: int, out: Path, lr: float = LR, trl_kl: boo
 
 
 def run_trl(model_name: str, steps: int, out: Path, precompute: bool, lr: float = LR, overrides: tuple = ()) -> dict:
+    import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import KTOConfig, KTOTrainer
@@ -147,18 +148,19 @@ def run_trl(model_name: str, steps: int, out: Path, precompute: bool, lr: float 
         def on_step_end(self, args, state, control, **kw):
             times.setdefault("ends", []).append(time.perf_counter())
 
+    gpu = torch.cuda.is_available()  # bf16 there, as kto-train's precision=auto; fp32 on CPU
     args = KTOConfig(output_dir=str(out), per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=lr,
                      lr_scheduler_type="constant", warmup_steps=0, beta=0.1, logging_steps=1, report_to=[],
-                     bf16=False, fp16=False, gradient_checkpointing=False, max_length=MAX_LENGTH,
+                     bf16=gpu, fp16=False, gradient_checkpointing=False, max_length=MAX_LENGTH,
                      precompute_ref_log_probs=precompute, save_strategy="no", disable_tqdm=True, seed=0,
-                     use_cpu=True, dataloader_num_workers=0)
+                     use_cpu=not gpu, dataloader_num_workers=0)
     trainer = KTOTrainer(model=model, ref_model=None if precompute else copy.deepcopy(model), args=args,
                          train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[FirstStep()])
     trainer.train()
     end = time.perf_counter()
     logs = [h for h in trainer.state.log_history if "loss" in h][:3]
     return {"train_s": end - times["first"], "first_step_s": times["first"] - start, "total_s": end - start,
-            "tokens": steps * BATCH * mean_tokens(split), "steady_s": times["ends"][-1] - times["ends"][0],
+            "tokens": steps * BATCH * mean_tokens(split), "steady_s": times["ends"][-1] - times["ends"][0], "ends": times["ends"],
             "first_steps": [{k: h.get(k) for k in ("loss", "kl", "rewards/chosen", "rewards/rejected")} for h in logs]}
 
 

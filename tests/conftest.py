@@ -73,3 +73,10 @@ def small_disk(tmp_path):
     yield mount
     for where in mounts:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def boolean_mask_added(model, packed, layout):
+    """The old mistake: the boolean mask handed to eager attention, which adds it (+0 / +1)."""
+    from kto_cli.attention import dense_mask
+    return {"attention_mask": dense_mask(packed["segment"], packed["branch"]).float(),
+            "position_ids": packed["position_ids"]}

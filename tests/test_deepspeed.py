@@ -74,6 +74,17 @@ def test_two_ranks_match_one_process(tmp_path, single, stage):
     check_two_ranks(tmp_path, single, stage)
 
 
+@pytest.mark.parametrize("stage,layout", [("zero2", []), ("zero3", ["trainer.kl_prefix=false", "trainer.packing=true", "trainer.attention_blocks=0"])])
+def test_gradient_checkpointing_under_zero_matches_one_process(tmp_path, single, stage, layout):
+    """Activations recomputed in the backward (under ZeRO-3 with the parameters gathered again):
+    the numbers of one process without it, for the default layout (KTO's KL sequences on the
+    prompt's cache, the rows' forward run again in the backward) and for packed shared-prompt rows
+    by blocks."""
+    launch(tmp_path, f"deepspeed={stage}", "trainer.max_steps=4", "trainer.micro_batch_size=2",
+           "trainer.gradient_checkpointing=true", *layout, env=NAN_AT)
+    check_two_ranks(tmp_path, single, stage)
+
+
 def check_two_ranks(tmp_path, single, stage):
     got = train_losses(tmp_path)
     assert sorted(got) == [1, 2, 3, 4]

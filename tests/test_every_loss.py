@@ -91,20 +91,28 @@ def test_paired_data_feeds_every_kind_of_loss(tmp_path):
 
 
 LAYOUTS = {"separate": ["trainer.shared_prompt=false"], "shared": [],
-           "packed": ["trainer.packing=true", "trainer.pack_length=512"],
+           "shared_row": ["trainer.kl_prefix=false", "trainer.attention_blocks=0"],
+           "shared_row_dense_mask": ["trainer.kl_prefix=false", "trainer.attention_blocks=null"],
+           "packed": ["trainer.packing=true", "trainer.pack_length=512", "trainer.attention_blocks=0"],
+           "packed_dense_mask": ["trainer.packing=true", "trainer.pack_length=512", "trainer.attention_blocks=null"],
            "packed_separate": ["trainer.shared_prompt=false", "trainer.packing=true", "trainer.pack_length=512"]}
+CHECKPOINTED = ("separate", "shared", "shared_row", "packed")  # under gradient checkpointing too
 
 
 @pytest.mark.parametrize("loss", ["kto", "dpo", "sft"])
 def test_batch_layouts_change_no_number(tmp_path, loss):
     """kto (example + KL sequence) and dpo (chosen + rejected) share each prompt's computation by
-    default, and packing puts several sequences in a row (here the whole micro-batch); the losses
-    equal those of one padded row per sequence."""
+    default (KTO's KL sequence on the prompt's cached keys and values, or in the example's row;
+    attention by blocks or through a dense mask), and packing puts several sequences in a row (here
+    the whole micro-batch); the losses equal those of one padded row per sequence, with gradient
+    checkpointing as without."""
     runs = {}
-    for name, overrides in LAYOUTS.items():
+    layouts = {**LAYOUTS, **{f"{name}_checkpointed": [*LAYOUTS[name], "trainer.gradient_checkpointing=true"]
+                             for name in CHECKPOINTED}}
+    for name, overrides in layouts.items():
         train(make_config(*TINY, f"loss={loss}", "trainer.lr=1e-3", *overrides), tmp_path / name)
         runs[name] = [r["loss"] for r in read_metrics(tmp_path / name, "train")]
-    for name in LAYOUTS:
+    for name in layouts:
         assert runs[name] == pytest.approx(runs["separate"], abs=1e-5), name
 
 

@@ -7,10 +7,12 @@ import pytest
 import torch
 import transformers as tf
 
+from conftest import boolean_mask_added
 from kto_cli import logprobs
 from kto_cli.config import AttnImplementation, ModelConfig, ModelSource, UserError
 from kto_cli.data import collate
-from kto_cli.logprobs import Layout, Runner, check_layout, completion_logps, logps_of, packed_batch, packed_logps
+from kto_cli.logprobs import (Layout, Runner, check_layout, completion_logps, layout_logps, logps_of, packed_batch,
+                              packed_logps)
 from kto_cli.models import load_model
 
 V = 300
@@ -74,10 +76,13 @@ def every_layout(model) -> dict:
     }
     for name, capacity in (("shared prompt", None), ("shared prompt, packed", 16), ("packed rows", 0)):
         groups = GROUPS if name.startswith("shared") else [(p, [c]) for p, c in SEQS]
-        for full in (False, True):
-            slots = packed_logps(model, packed_batch(groups, 0, capacity), grad_slots=(), layout=Layout(full_logits=full))
-            got[f"{name}{', full logits' if full else ''}"] = torch.stack(
-                [slots[j].seq[g] for g, (_, cs) in enumerate(groups) for j in range(len(cs))])
+        for variant, layout in (("", Layout()), (", full logits", Layout(full_logits=True)),
+                                (", blocks", Layout(blocks=0)), (", dense mask", Layout(blocks=None))):
+            slots = packed_logps(model, packed_batch(groups, 0, capacity), grad_slots=(), layout=layout)
+            got[name + variant] = torch.stack([slots[j].seq[g] for g, (_, cs) in enumerate(groups) for j in range(len(cs))])
+    kto = GROUPS[:3]  # an example and its KL sequence each: the first 6 of SEQS
+    for full in (False, True):  # KTO's KL sequences on their prompt's cached keys and values
+        got[f"KL prefix{', full logits' if full else ''}"] = layout_logps(model, kto, 0, Layout(kl_prefix=True, full_logits=full))
     return got
 
 
@@ -95,7 +100,7 @@ def test_every_layout_equals_a_plain_forward(family, kernel):
     with torch.no_grad():  # flex attention has no backward on CPU
         truth = plain(model)
         for name, values in every_layout(model).items():
-            torch.testing.assert_close(values.float(), truth, rtol=0, atol=1e-5, msg=f"{family}, {kernel}: {name}")
+            torch.testing.assert_close(values.float(), truth[:len(values)], rtol=0, atol=1e-5, msg=f"{family}, {kernel}: {name}")
         assert check_layout(model, GROUPS, 0, Layout()) < 1e-6
 
 
@@ -103,12 +108,12 @@ def test_the_old_boolean_mask_under_eager_is_caught():
     """Before the fix eager attention added the boolean mask (+0 / +1) to the scores: the start-up
     check sees the difference (here through the same mistake made on purpose)."""
     model = tiny("llama", "eager")
-    real = logprobs.attention_mask_for
+    real = logprobs.attention_inputs
     try:
-        logprobs.attention_mask_for = lambda model, mask: mask.to(torch.float32)
+        logprobs.attention_inputs = boolean_mask_added
         assert check_layout(model, GROUPS, 0, Layout()) > 1e-2
     finally:
-        logprobs.attention_mask_for = real
+        logprobs.attention_inputs = real
 
 
 def test_a_head_without_the_familys_scaling_is_caught(monkeypatch):

@@ -1,4 +1,5 @@
 """The sparse LM-head path equals log_softmax over full logits at completion positions."""
+import pytest
 import torch
 
 from kto_cli import logprobs
@@ -83,3 +84,94 @@ def test_packed_rows_equal_separate_forwards(tiny_tok):
         assert got.lengths[has].tolist() == [len(c) for _, c in seqs]
     assert logprobs.pack_rows([3, 3, 3], capacity=None) == [[0], [1], [2]]
     assert logprobs.pack_rows([5, 2, 4, 1], capacity=0) == [[0], [2, 3], [1]]
+
+
+def long_groups(n: int = 3, seed: int = 0) -> list:
+    """(prompt, [completion, KL completion]) of 1,000-1,900 tokens per row."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda lo, hi: torch.randint(3, 250, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()  # noqa: E731
+    return [(ids(500, 900), [ids(300, 500), ids(200, 500)]) for _ in range(n)]
+
+
+def long_model(kernel: str):
+    import transformers as tf
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.3)
+    return tf.AutoModelForCausalLM.from_config(config, attn_implementation=kernel).eval()
+
+
+def layout_values(model, groups: list, name: str) -> tuple:
+    """((N,) per-token mean log-probs of every (prompt, completion) in order, gradient of their sum)
+    as layout `name` computes them, the first completion of each group with gradient."""
+    model.zero_grad()
+    seqs = [(p, c) for p, cs in groups for c in cs]
+    if name == "separate rows":
+        lp = completion_logps(model, collate(seqs, 0))
+        seq, lengths = lp.seq, lp.lengths
+    elif name == "KL prefix":
+        main, kl = logprobs.prefix_logps(model, logprobs.prefix_batch([(p, cs[0]) for p, cs in groups],
+                                                                      [cs[1] for _, cs in groups], 0))
+        seq = torch.stack([main.seq, kl], 1).flatten()
+        lengths = torch.tensor([len(c) for _, c in seqs])
+    else:
+        capacity = 0 if "packed" in name else None
+        rows = groups if "shared" in name else [(p, [c]) for p, c in seqs]
+        slots = packed_logps(model, packed_batch(rows, 0, capacity), grad_slots=(0, 1),
+                             layout=Layout(blocks=None if "dense" in name else 0))
+        seq = torch.stack([slots[j].seq[g] for g, (_, cs) in enumerate(rows) for j in range(len(cs))])
+        lengths = torch.stack([slots[j].lengths[g] for g, (_, cs) in enumerate(rows) for j in range(len(cs))])
+    first = torch.tensor([j == 0 for _, cs in groups for j in range(len(cs))])
+    if seq.requires_grad:
+        seq[first].sum().backward()
+    grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+    return (seq / lengths).detach(), torch.cat(grads) if grads else None
+
+
+LONG_LAYOUTS = ["shared prompt", "shared prompt, dense mask", "shared prompt, packed", "packed rows",
+                "packed rows, dense mask", "KL prefix"]
+
+
+def test_long_rows_every_layout_equals_separate_rows():
+    """At 1,000-1,900 tokens per row: shared-prompt and packed rows (attention by blocks, or through
+    the dense mask) and the KL prefix give separate rows' log-probs (per token, to 1e-5) and the same
+    gradient of the examples' log-probs."""
+    model, groups = long_model("sdpa"), long_groups()
+    truth, grad = layout_values(model, groups, "separate rows")
+    for name in LONG_LAYOUTS:
+        values, g = layout_values(model, groups, name)
+        torch.testing.assert_close(values, truth, rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(g, grad, rtol=1e-4, atol=1e-6 * float(grad.abs().max()), msg=name)
+
+
+def test_long_rows_under_eager_flash_and_flex_forms(monkeypatch):
+    """The other kernels' forms at length: eager's additive mask; flash attention's form (no mask,
+    positions restarting per group: transformers' own packed-sequence mask stands in for the
+    variable-length kernel here), which refuses shared-prompt rows; flex attention's BlockMask
+    (forward only: no flex backward on CPU)."""
+    groups = long_groups(2, seed=1)
+    seqs = [(p, c) for p, cs in groups for c in cs]
+    eager = long_model("eager")
+    truth, _ = layout_values(eager, groups, "separate rows")
+    for name in ("shared prompt", "packed rows"):
+        torch.testing.assert_close(layout_values(eager, groups, name)[0], truth, rtol=0, atol=1e-5, msg=name)
+    sdpa = long_model("sdpa")
+    monkeypatch.setattr(logprobs, "attention_kernel", lambda model: "flash_attention_2")
+    with torch.no_grad():
+        slots = packed_logps(sdpa, packed_batch([(p, [c]) for p, c in seqs], 0, 0), grad_slots=())
+        per_token = slots[0].seq / slots[0].lengths
+        torch.testing.assert_close(per_token, layout_values(long_model("sdpa"), groups, "separate rows")[0], rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="cannot express shared-prompt rows"):
+            packed_logps(sdpa, packed_batch(groups, 0), grad_slots=())
+
+
+@pytest.mark.slow
+def test_long_rows_under_flex_attention():
+    """Shared-prompt rows through flex attention's BlockMask, built from the (B, L) ids. Packed rows
+    and the KL prefix (transformers' own flex mask over a cache) are not run here: PyTorch 2.13's CPU
+    inductor emits C++ for them that does not compile (the GPU path is Triton's)."""
+    flex, groups = long_model("flex_attention"), long_groups(2, seed=2)
+    with torch.no_grad():
+        truth = layout_values(long_model("sdpa"), groups, "separate rows")[0]
+        for name in ("shared prompt",):
+            torch.testing.assert_close(layout_values(flex, groups, name)[0], truth, rtol=0, atol=1e-5, msg=name)

@@ -11,7 +11,7 @@ from kto_cli.evaluate import read_samples
 from kto_cli.metrics import read_metrics
 from kto_cli.train import train
 
-from conftest import TINY_RUN, make_config
+from conftest import TINY_RUN, boolean_mask_added, make_config
 
 TINY = [*TINY_RUN, "trainer.lr=2e-3", "trainer.warmup_ratio=0",
         "trainer.schedule=constant", "dataset.max_train_rows=16", "dataset.max_eval_rows=8"]
@@ -123,16 +123,17 @@ def test_imbalanced_data_warns_and_auto_weight_fixes_it(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_start_up_check_passes_and_stops_a_wrong_layout(tmp_path, caplog, monkeypatch):
-    """Eager attention with the shared-prompt rows: the check logs agreement; with the old bug
+    """Eager attention with the shared-prompt rows (the KL sequence in the example's row): the check
+    logs agreement; with the old bug
     (the boolean mask added to the scores) put back on purpose, the run stops before the reference
     pass with one line naming the layout and the override."""
     from kto_cli import logprobs
     from kto_cli.config import UserError
     caplog.set_level(logging.INFO, logger="kto_cli")
-    eager = [*TINY, "trainer.max_steps=1", "model.attn_implementation=eager"]
+    eager = [*TINY, "trainer.max_steps=1", "model.attn_implementation=eager", "trainer.kl_prefix=false"]
     train(make_config(*eager), tmp_path / "a")
     assert "start-up check: log-probs as trained equal a plain forward" in caplog.text
-    monkeypatch.setattr(logprobs, "attention_mask_for", lambda model, mask: mask.float())
+    monkeypatch.setattr(logprobs, "attention_inputs", boolean_mask_added)
     with pytest.raises(UserError) as e:
         train(make_config(*eager), tmp_path / "b")
     message = str(e.value)
