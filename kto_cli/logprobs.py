@@ -282,9 +282,10 @@ def _continuation_logps(model, batch: dict, states: torch.Tensor, cache, layout:
     arange = lambda n: torch.arange(n, device=ids.device)[None]  # noqa: E731  (1, n)
     mask = torch.cat([arange(Pmax) < P[:, None], arange(Kmax) < K[:, None]], 1).long()  # (B, Pmax + Kmax)
     cache.continuing = True  # prefix_cache's layers: return the prompt's keys and these, keep nothing
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": P[:, None] + arange(Kmax),
+              "use_cache": True, cache_kwarg(model): cache}
     try:
-        kl_states, head, transform, _ = _states(model, {"input_ids": ids, "attention_mask": mask, cache_kwarg(model): cache,
-                                                        "position_ids": P[:, None] + arange(Kmax), "use_cache": True}, layout)
+        kl_states, head, transform, _ = _states(model, inputs, layout)
     finally:
         cache.continuing = False
     # token 0 is predicted at the prompt's last position (the rows' forward), token t at t - 1 here
@@ -365,7 +366,8 @@ def _logps_by_prompt(call, sequences: list, run: Runner, progress, stats) -> tup
 
 def to_device(packed: dict, device) -> dict:
     """The dict's tensors (nested dicts' too) on device; other values as they are."""
-    move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else to_device(v, device) if isinstance(v, dict) else v  # noqa: E731
+    def move(v):
+        return v.to(device) if isinstance(v, torch.Tensor) else to_device(v, device) if isinstance(v, dict) else v
     return {k: move(v) for k, v in packed.items()}
 
 

@@ -74,7 +74,10 @@ def test_two_ranks_match_one_process(tmp_path, single, stage):
     check_two_ranks(tmp_path, single, stage)
 
 
-@pytest.mark.parametrize("stage,layout", [("zero2", []), ("zero3", ["trainer.kl_prefix=false", "trainer.packing=true", "trainer.attention_blocks=0"])])
+PACKED_BY_BLOCKS = ["trainer.kl_prefix=false", "trainer.packing=true", "trainer.attention_blocks=0"]
+
+
+@pytest.mark.parametrize("stage,layout", [("zero2", []), ("zero3", PACKED_BY_BLOCKS)])
 def test_gradient_checkpointing_under_zero_matches_one_process(tmp_path, single, stage, layout):
     """Activations recomputed in the backward (under ZeRO-3 with the parameters gathered again):
     the numbers of one process without it, for the default layout (KTO's KL sequences on the

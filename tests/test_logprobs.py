@@ -160,7 +160,8 @@ def test_long_rows_under_eager_flash_and_flex_forms(monkeypatch):
     with torch.no_grad():
         slots = packed_logps(sdpa, packed_batch([(p, [c]) for p, c in seqs], 0, 0), grad_slots=())
         per_token = slots[0].seq / slots[0].lengths
-        torch.testing.assert_close(per_token, layout_values(long_model("sdpa"), groups, "separate rows")[0], rtol=0, atol=1e-5)
+        separate = layout_values(long_model("sdpa"), groups, "separate rows")[0]
+        torch.testing.assert_close(per_token, separate, rtol=0, atol=1e-5)
         with pytest.raises(ValueError, match="cannot express shared-prompt rows"):
             packed_logps(sdpa, packed_batch(groups, 0), grad_slots=())
 
