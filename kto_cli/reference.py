@@ -104,7 +104,7 @@ def reference_pass(get_model: Callable, splits: dict, kl, per_token: bool, cache
             if cache is not None and not dist.is_main():
                 cache.refresh()  # what rank 0 found stored (it looked under the lock)
         reused = len({k for ks in keys for k in ks}) - len(todo)
-        mine = list(todo)[shard[0]::shard[1]]
+        mine = list(todo)[shard[0]::shard[1]] if exchange else share(keys, todo, shard)
         store = (lambda keys, values: store_piece(cache, keys, values, per_token)) if cache is not None else None
         values = compute(get_model, [todo[k] for k in mine], mine, per_token, run, show_progress, lockstep=exchange,
                          store=store, after_piece=after_piece)
@@ -116,6 +116,14 @@ def reference_pass(get_model: Callable, splits: dict, kl, per_token: bool, cache
         return None, report
     lookup = (lambda k: values[k] if k in values else cache.get(k))
     return assemble(jobs, keys, lookup, per_token), report
+
+
+def share(keys: list, todo: dict, shard: tuple) -> list:
+    """The missing keys that are this process's to compute: its stride of every wanted key, so the
+    split does not depend on what the cache held when each process looked (a process starting after
+    another has stored its share would otherwise stride a shorter list and skip values)."""
+    every = list(dict.fromkeys(k for ks in keys for k in ks))
+    return [k for k in every[shard[0]::shard[1]] if k in todo]
 
 
 def store_piece(cache: RefCache, keys: list, values: dict, per_token: bool) -> None:

@@ -136,6 +136,23 @@ def test_precompute_in_two_processes_then_train_computes_nothing(tmp_path, own_c
     assert compute_calls == []
 
 
+def test_a_precompute_process_that_starts_after_the_other_finished_still_computes_its_share(
+        tmp_path, monkeypatch, compute_calls):
+    """The split by process must not depend on what the cache held when each looked: here process 1
+    has stored its share before process 0 starts (a slow start under load), and training then finds
+    every value."""
+    from kto_cli.precompute import precompute
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    done = []
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        done.append(precompute(make_config(*BASE))["computed"])
+    monkeypatch.delenv("RANK"), monkeypatch.delenv("WORLD_SIZE")
+    compute_calls.clear()
+    train(make_config(*FIRST), tmp_path / "a")
+    assert compute_calls == [] and min(done) > 0 and sum(done) <= 24 * 2 + 8 * 2
+
+
 def test_the_key_changes_with_the_log_prob_code(monkeypatch):
     """A fix that changes the numbers raises models.LOGPROBS_VERSION, so values computed by the older
     code (e.g. eager attention before its mask was fixed) are not reused."""
