@@ -28,11 +28,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-
-# Rows this long and longer are computed by blocks under sdpa. Below, one dense mask is cheaper:
-# measured on CPU (docs/benchmarks.md) at 287 tokens per sequence blocks took 1.24x the dense
-# mask's step time; at 1,055 they were even on the tiny model and 0.84x on SmolLM2-135M.
-BLOCKS_FROM = 512
+from .config import BLOCKS_FROM
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 
+# Rows this long and longer are computed by blocks under sdpa (trainer.attention_blocks). Below, one
+# dense mask is cheaper: measured on CPU (docs/benchmarks.md) at 287 tokens per sequence blocks took
+# 1.24x the dense mask's step time; at 1,055 they were even on the tiny model and 0.84x on SmolLM2-135M.
+BLOCKS_FROM = 512
+
+
 class UserError(Exception):
     """A mistake the user can fix (bad data, bad config, missing file): printed as one line."""
 
@@ -185,7 +191,7 @@ class TrainerConfig:
     # Shared-prompt and packed rows of at least this many tokens under sdpa attention: computed by
     # blocks (per group, no (L, L) mask); shorter ones through one dense (B, 1, L, L) mask, which is
     # cheaper there; null: always the mask (the plain form, for comparison); 0: always blocks
-    attention_blocks: Optional[int] = 512
+    attention_blocks: Optional[int] = BLOCKS_FROM
     # KTO: each KL sequence runs on its prompt's cached keys and values, without gradient (the prompt
     # computed once, the KL tokens kept out of the backward); false: in the example's row
     kl_prefix: bool = True

@@ -12,6 +12,7 @@ reads (attention.py: blocks for sdpa, a BlockMask for flex attention, an additiv
 restarting positions for flash attention).
 """
 import contextlib
+import weakref
 from itertools import accumulate
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -235,6 +236,7 @@ def prefix_logps(model, batch: dict, layout: Layout = Layout()) -> tuple:
     with torch.no_grad():  # before the rows' LM head, so its temporaries and the head's never coexist
         if cache is not None and cache.get_seq_length() > 0:
             kl = _continuation_logps(model, batch, states, cache, layout)
+            release(cache)
         else:
             kl = completion_logps(model, batch["kl_batch"], layout=layout).seq
     token_logps = head_logps(head, states[rows, cols], input_ids[rows, cols + 1], transform, layout.head_chunk)
@@ -253,6 +255,10 @@ def prefix_cache(model, keep: int) -> dict:
         from transformers.cache_utils import DynamicCache, DynamicLayer
     except ImportError:
         return {}
+    cache = DynamicCache()
+    if not hasattr(cache, "layer_class_to_replicate"):
+        return {}
+    owner = weakref.ref(cache)  # the layers' class must not hold the cache: a cycle frees it only at gc
 
     class PromptLayer(DynamicLayer):
         def update(self, key_states, value_states, *args, **kwargs):
@@ -260,16 +266,21 @@ def prefix_cache(model, keep: int) -> dict:
                 self.lazy_initialization(key_states, value_states)
                 self.keys = key_states[..., :keep, :].detach().clone()  # (B, H, keep, D)
                 self.values = value_states[..., :keep, :].detach().clone()
-            elif cache.continuing:
+            elif owner().continuing:
                 return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
             # the rows' forward (again when gradient checkpointing recomputes it in the backward)
             return key_states, value_states
 
-    cache = DynamicCache()
-    if not hasattr(cache, "layer_class_to_replicate"):
-        return {}
     cache.layer_class_to_replicate, cache.continuing = PromptLayer, False
     return {cache_kwarg(model): cache}
+
+
+def release(cache) -> None:
+    """Drops the cached keys and values, so the prompts' copy is not held through the backward (the
+    layers stay: gradient checkpointing's recompute passes through them)."""
+    for layer in getattr(cache, "layers", ()):
+        if isinstance(getattr(layer, "keys", None), torch.Tensor):
+            layer.keys, layer.values = layer.keys[..., :0, :].clone(), layer.values[..., :0, :].clone()
 
 
 def _continuation_logps(model, batch: dict, states: torch.Tensor, cache, layout: Layout) -> torch.Tensor:

@@ -6,6 +6,7 @@ each configuration in its own process).
     python scripts/bench_long.py                        # tiny_smollm2 at 256, 1024, 4096; smollm2_135m at 1024
     python scripts/bench_long.py --runs tiny_smollm2:1024 --configs separate prefix --steps 4
     python scripts/bench_long.py --runs smollm2_135m:1024 --batch 2     # batch 8 needs ~20 GB here
+    python scripts/bench_long.py --configs separate prefix --repeat 3   # medians of 3 interleaved runs
     python scripts/bench_long.py --runs tiny_smollm2:2048 --set model.tiny.hidden_size=2048 ...   # a bigger model
 
 Data: rows of random single-token words, prompt and completion each about half of the length (the
@@ -122,34 +123,51 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeat", type=int, default=1, help="runs of each configuration, interleaved; medians reported")
     p.add_argument("--set", nargs="*", default=[], help="config overrides for every run (kto-train and TRL's model)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for MFU")
     p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
         return one(a.one[0], a.one[1], int(a.one[2]), a.steps, a.set, a.batch)
-    print("| model | length | config | mean tokens/seq | step s | tokens/s | peak RSS MB | peak GPU MB | MFU |\n"
+    spread = " (min-max)" if a.repeat > 1 else ""
+    print(f"| model | length | config | mean tokens/seq | step s{spread} | tokens/s | peak RSS MB{spread} | peak GPU MB | MFU |\n"
           "|---|---|---|---|---|---|---|---|---|", flush=True)
     for run in a.runs:
         model, length = run.split(":")
         make_data(int(length))
         n = parameters(model, a.set)
-        for config in a.configs:
-            out = subprocess.run([sys.executable, __file__, "--one", config, model, length, "--steps", str(a.steps),
-                                  "--batch", str(a.batch), "--set", *a.set], capture_output=True, text=True)
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if not line:
-                why = "killed (out of memory?)" if out.returncode < 0 else f"failed: {out.stderr.strip()[-300:]}"
-                print(f"| {model} | {length} | {config} | | {why} | | | | |", flush=True)
-                continue
-            r = json.loads(line[0][7:])
-            seq = r["tokens"] / a.steps / a.batch
-            gpu = r["peak_gpu_mb"]
-            mfu = f"{100 * 8 * n * r['tokens_per_s'] / (a.peak_tflops * 1e12):.1f}%" if gpu is not None else ""
-            print(f"| {model} ({n / 1e6:,.0f}M) | {length} | {config} | {seq:.0f} | {r['step_s']:.2f} | "
-                  f"{r['tokens_per_s']:,.0f} | {r['peak_rss_mb']:,.0f} | {'' if gpu is None else f'{gpu:,.0f}'} | {mfu} |",
-                  flush=True)
+        results = {config: [] for config in a.configs}
+        for _ in range(a.repeat):  # round-robin, so a slow spell of the machine touches every configuration
+            for config in a.configs:
+                results[config].append(measure(config, model, length, a))
+        for config, rs in results.items():
+            print(row(model, n, length, config, rs, a), flush=True)
 
+
+def measure(config: str, model: str, length: str, a) -> dict:
+    """One configuration's run in its own process: its RESULT, or {"why": ...} where it failed."""
+    out = subprocess.run([sys.executable, __file__, "--one", config, model, length, "--steps", str(a.steps),
+                          "--batch", str(a.batch), "--set", *a.set], capture_output=True, text=True)
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if line:
+        return json.loads(line[0][7:])
+    return {"why": "killed (out of memory?)" if out.returncode < 0 else f"failed: {out.stderr.strip()[-300:]}"}
+
+
+def row(model: str, n: int, length: str, config: str, rs: list, a) -> str:
+    """A table row: medians over the repeats, with their range where there are several."""
+    ok = [r for r in rs if "why" not in r]
+    if not ok:
+        return f"| {model} | {length} | {config} | | {rs[0]['why']} | | | | |"
+    med = lambda key: statistics.median(r[key] for r in ok)  # noqa: E731
+    span = lambda key, f: f" ({f(min(r[key] for r in ok))}-{f(max(r[key] for r in ok))})" if len(ok) > 1 else ""  # noqa: E731
+    secs, mb = "{:.2f}".format, "{:,.0f}".format
+    seq, gpu, tps = ok[0]["tokens"] / a.steps / a.batch, ok[0]["peak_gpu_mb"], med("tokens_per_s")
+    mfu = f"{100 * 8 * n * tps / (a.peak_tflops * 1e12):.1f}%" if gpu is not None else ""
+    failed = f", {len(rs) - len(ok)} failed" if len(ok) < len(rs) else ""
+    return (f"| {model} ({n / 1e6:,.0f}M) | {length} | {config} | {seq:.0f} | {secs(med('step_s'))}{span('step_s', secs)}{failed} | "
+            f"{tps:,.0f} | {mb(med('peak_rss_mb'))}{span('peak_rss_mb', mb)} | {'' if gpu is None else mb(med('peak_gpu_mb'))} | {mfu} |")
 
 if __name__ == "__main__":
     main()

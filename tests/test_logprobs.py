@@ -53,6 +53,33 @@ def test_shared_prompt_row_equals_separate_forwards(tiny_tok):
     assert packed["slot_tokens"] == [6 + 7 + 2, 7 + 3 + 3]
 
 
+def test_the_kl_prefix_equals_separate_rows_and_lets_go_of_its_cache(tiny_tok, monkeypatch):
+    """KTO's KL continuation on the prompt's cache gives the log-probs of (P, K) computed apart; the
+    cache holds no keys once the continuation has run, and is freed when prefix_logps returns, not
+    at some later garbage collection (a reference cycle kept a copy of every prompt's keys alive)."""
+    import gc
+    import weakref
+    model = tiny_model(ModelConfig(source=ModelSource.tiny, name_or_path="tiny"), len(tiny_tok), tiny_tok.pad_token_id)
+    rows = [([1, 2, 3, 4], [5, 6], [7, 8, 9]), ([7, 8], [9, 10, 11, 12, 13], [3]), ([3], [4], [5, 6])]
+    made, real = [], logprobs.prefix_cache
+    monkeypatch.setattr(logprobs, "prefix_cache", lambda *a: made.append(real(*a)) or made[-1])
+    gc.disable()
+    try:
+        lp, kl = logprobs.prefix_logps(model, logprobs.prefix_batch([(p, c) for p, c, _ in rows], [k for *_, k in rows],
+                                                                   tiny_tok.pad_token_id))
+        (cache,) = made.pop().values()
+        assert cache.get_seq_length() == 0
+        alive = weakref.ref(cache)
+        del cache
+        assert alive() is None
+    finally:
+        gc.enable()
+    pc = completion_logps(model, collate([(p, c) for p, c, _ in rows], tiny_tok.pad_token_id))
+    pk = completion_logps(model, collate([(p, k) for p, _, k in rows], tiny_tok.pad_token_id))
+    torch.testing.assert_close(lp.seq, pc.seq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl, pk.seq.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_logps_of_groups_sequences_by_prompt(tiny_tok, monkeypatch):
     """Sequences that share a prompt are computed in one row per prompt (at most MAX_SHARED
     completions each); the values equal one forward per sequence, in the order given."""
