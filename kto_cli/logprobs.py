@@ -197,8 +197,7 @@ def completion_logps_and_values(model, batch: dict, value_head, layout: Layout =
 def prefix_batch(sequences: list, continuations: list, pad_id: int) -> dict:
     """A collated batch of (prompt, completion) rows plus, per row, a continuation that follows the
     same prompt instead (KTO's KL completion), for prefix_logps: kl_ids (B, K) right-padded,
-    kl_lengths and prompt_lengths (B,), and kl_batch, the (prompt, continuation) rows collated
-    apart (used where the model returns no cache)."""
+    kl_lengths and prompt_lengths (B,)."""
     from .data import collate
     batch = collate(sequences, pad_id)
     K = max(map(len, continuations))
@@ -206,8 +205,17 @@ def prefix_batch(sequences: list, continuations: list, pad_id: int) -> dict:
     for b, k in enumerate(continuations):
         kl_ids[b, :len(k)] = torch.tensor(k, dtype=torch.long)
     return {**batch, "kl_ids": kl_ids, "kl_lengths": torch.tensor([len(k) for k in continuations]),
-            "prompt_lengths": torch.tensor([len(p) for p, _ in sequences]),
-            "kl_batch": collate([(p, k) for (p, _), k in zip(sequences, continuations)], pad_id)}
+            "prompt_lengths": torch.tensor([len(p) for p, _ in sequences])}
+
+
+def continuation_rows(batch: dict) -> dict:
+    """A prefix batch's (prompt, continuation) rows, collated apart: where the model hands back no
+    cache to continue (gradient checkpointing in training)."""
+    from .data import collate
+    ids, kl = batch["input_ids"].tolist(), batch["kl_ids"].tolist()
+    P, K = batch["prompt_lengths"].tolist(), batch["kl_lengths"].tolist()
+    rows = collate([(ids[b][:P[b]], kl[b][:K[b]]) for b in range(len(P))], 0)  # any pad id: it is masked
+    return to_device(rows, batch["input_ids"].device)
 
 
 def cache_kwarg(model) -> str:
@@ -222,23 +230,23 @@ def prefix_logps(model, batch: dict, layout: Layout = Layout()) -> tuple:
     and values; each continuation then runs on its prompt's cached ones (cropped to the prompt,
     the rest hidden by the mask), its positions continuing the prompt's. Work: the continuation's
     tokens once, without gradient, where a shared row would carry them through the backward and
-    separate rows would compute the prompt twice. Under gradient checkpointing the rows' forward
-    runs again in the backward and the cache hands it its own keys. A model whose forward takes
-    no cache gets the continuations as separate rows."""
+    separate rows would compute the prompt twice. Where the layers fill no cache (transformers'
+    gradient checkpointing in training hands them none; a model without one) the continuations
+    run as separate rows, without gradient."""
     input_ids, targets = batch["input_ids"], batch["completion_mask"][:, 1:]  # (B, T), (B, T-1)
     rows, cols = targets.nonzero(as_tuple=True)  # (N,)
     inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"], "use_cache": True}
     keep = int(batch["prompt_lengths"].max())
     ours = prefix_cache(model, keep)
     states, head, transform, out = _states(model, {**inputs, **ours}, layout)
-    # ours (gradient checkpointing makes transformers return none), else transformers' own (5 / 4)
+    # ours, else transformers' own (5 / 4); empty where the layers were handed none
     cache = next(iter(ours.values()), None) or getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     with torch.no_grad():  # before the rows' LM head, so its temporaries and the head's never coexist
         if cache is not None and cache.get_seq_length() > 0:
             kl = _continuation_logps(model, batch, states, cache, layout)
             release(cache)
         else:
-            kl = completion_logps(model, batch["kl_batch"], layout=layout).seq
+            kl = completion_logps(model, continuation_rows(batch), layout=layout).seq
     token_logps = head_logps(head, states[rows, cols], input_ids[rows, cols + 1], transform, layout.head_chunk)
     B = input_ids.shape[0]
     seq = torch.zeros(B, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)  # (B,)
@@ -268,7 +276,7 @@ def prefix_cache(model, keep: int) -> dict:
                 self.values = value_states[..., :keep, :].detach().clone()
             elif owner().continuing:
                 return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
-            # the rows' forward (again when gradient checkpointing recomputes it in the backward)
+            # the rows' forward (again, should a checkpointed layer's recompute be handed the cache)
             return key_states, value_states
 
     cache.layer_class_to_replicate, cache.continuing = PromptLayer, False
@@ -376,10 +384,7 @@ def _logps_by_prompt(call, sequences: list, run: Runner, progress, stats) -> tup
 
 
 def to_device(packed: dict, device) -> dict:
-    """The dict's tensors (nested dicts' too) on device; other values as they are."""
-    def move(v):
-        return v.to(device) if isinstance(v, torch.Tensor) else to_device(v, device) if isinstance(v, dict) else v
-    return {k: move(v) for k, v in packed.items()}
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in packed.items()}
 
 
 def pack_rows(sizes: list, capacity: Optional[int]) -> list:

@@ -164,7 +164,9 @@ class Trainer:
                         capacity=(t.pack_length or 0) if t.packing else None, full_logits=not m.sparse_head,
                         head_chunk=0 if self.cfg.deepspeed.stage == 3 else Layout.head_chunk,
                         blocks=t.attention_blocks, kl_prefix=prefix)
-        if layout.kl_prefix:
+        if layout.kl_prefix and t.gradient_checkpointing:  # transformers hands checkpointed layers no cache
+            log.info("rows: each example's KL sequence as a separate row without gradient (gradient checkpointing)")
+        elif layout.kl_prefix:
             log.info("rows: each example's KL sequence continues its prompt's cached keys and values")
         elif layout.shared_prompt or layout.capacity is not None:
             log.info("rows: %s%s, attention by %s", "shared prompts" if layout.shared_prompt else "separate",
